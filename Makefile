@@ -1,5 +1,6 @@
 # Two commands for readers: `make demo` and `make test`. `make help` lists every target.
 SHELL := /bin/bash
+export NO_MKDOCS_2_WARNING := 1
 PY := .venv/bin/python
 STAMP := .venv/.setup-done
 
@@ -23,7 +24,7 @@ demo: setup ## run every example on the small model, build the site, say where t
 
 test: setup ## run the whole test suite (CPU; GPU tests are reported as skipped)
 	@command -v chromium >/dev/null || { echo "error: Debian's chromium is needed for the browser test: apt-get install chromium"; exit 1; }
-	$(PY) -m pytest tests -ra
+	$(PY) -m pytest tests
 
 docs: setup ## build the site into site/ (strict: a warning fails)
 	$(PY) -m mkdocs build --strict
