@@ -101,7 +101,7 @@ def test_script_on_tiny_model(tiny_model, tmp_path):
 def test_bad_input_is_one_line_error(tiny_model, args, message):
     if "--model" not in args:
         args = ["--model", tiny_model, *args]
-    proc = run_script(SCRIPT, *args, "--quiet", check=False, timeout=120)
+    proc = run_script(SCRIPT, *args, "--quiet", check=False, timeout=600)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[-1].startswith("error: ") and message in lines[-1], lines

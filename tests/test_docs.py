@@ -15,8 +15,9 @@ import pytest
 from conftest import REPO_ROOT
 
 DOCS = REPO_ROOT / "inference"
-ZH_PAGES = sorted(p for p in DOCS.rglob("*.md") if not p.name.endswith(".en.md"))
-EN_PAGES = sorted(DOCS.rglob("*.en.md"))
+PAGES = [p for p in DOCS.rglob("*.md") if "results" not in p.relative_to(DOCS).parts]  # results: included tables
+ZH_PAGES = sorted(p for p in PAGES if not p.name.endswith(".en.md"))
+EN_PAGES = sorted(p for p in PAGES if p.name.endswith(".en.md"))
 EXAMPLES = sorted(DOCS.glob("*/examples/*.py"))
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 

@@ -42,8 +42,10 @@ def test_paged_equals_contiguous_with_shuffled_blocks_and_nan(pa, is_prefill: bo
     NB = sum(math.ceil(c / BS) for c in context) + 3
     order = list(range(NB))
     random.Random(0).shuffle(order)            # physical blocks in random order
-    k_cache = torch.full((NB, BS, Hkv, D), float("nan"))
-    v_cache = torch.full((NB, BS, Hkv, D), float("nan"))
+    # NaN everywhere, except the extra all-zero null block (index NB) that padding points at.
+    k_cache = torch.full((NB + 1, BS, Hkv, D), float("nan"))
+    v_cache = torch.full((NB + 1, BS, Hkv, D), float("nan"))
+    k_cache[NB], v_cache[NB] = 0.0, 0.0
     tables, ks, vs, used = [], [], [], 0
     for c in context:
         n = math.ceil(c / BS)
@@ -57,7 +59,9 @@ def test_paged_equals_contiguous_with_shuffled_blocks_and_nan(pa, is_prefill: bo
     mb = max(map(len, tables))
     meta = pa.AttentionMetadata(is_prefill, torch.empty(0, dtype=torch.long),
                                 torch.tensor([t + [0] * (mb - len(t)) for t in tables]),
-                                torch.tensor(context), query)
+                                torch.tensor(context), query, context)
+    if not is_prefill:
+        meta.decode_slots = pa.decode_slots(meta.block_tables, meta.context_lens, BS, NB * BS)
     q = torch.randn(sum(query), H, D)
     out = pa.paged_attention(q, k_cache, v_cache, meta)
     start, refs = 0, []

@@ -20,6 +20,19 @@ QUANT = "inference/quantization/examples"
 ACCEL = "inference/inference-acceleration/examples"
 
 DEMO_RUNS: dict[str, list[str]] = {
+    f"{ACCEL}/kv_cache_optimization.py": [
+        "--model", "{model}", "--max-new-tokens", "16", "--lengths", "32,128", "--repeats", "1",
+        "--threads", "1", "--quiet", "--json", "{out}/kv_cache_optimization-cpu.json",
+    ],
+    f"{ACCEL}/flash_attention.py": [
+        "--device", "cpu", "--lengths", "128,256,512", "--repeats", "2", "--warmup", "1", "--threads", "1",
+        "--quiet", "--json", "{out}/flash_attention-cpu.json",
+    ],
+    f"{ACCEL}/fast_decode.py": [
+        "--model", "{model}", "--device", "cpu", "--threads", "1", "--batch-sizes", "1", "--prompt-len", "16",
+        "--slow-new-tokens", "4", "--group-size", "64", "--ppl-tokens", "128", "--ppl-context", "64",
+        "--quiet", "--json", "{out}/fast_decode-cpu.json",
+    ],
 }
 
 

@@ -6,8 +6,8 @@ loads transformers weights, and closes the gap to that limit step by step, each 
 
     hf_generate   transformers `generate` (dynamic KV cache), the baseline
     eager         our decoder, static KV cache, plain PyTorch, one Python loop
-    eager_int8    the same with INT8 weight-only linears   (CPU: dequantize + matmul reference)
-    eager_int4    the same with INT4 group-wise linears    (CPU: dequantize + matmul reference)
+    eager_int8    the same with INT8 weight-only linears (CPU: PyTorch's int8 kernel; CUDA: ours)
+    eager_int4    the same with INT4 group-wise linears  (CPU: PyTorch's int4 kernel; CUDA: ours)
     compiled      `torch.compile(mode="reduce-overhead")` of the eager decode step (CUDA graphs inside)
     fused_bf16    five Triton kernels per layer (GEMVs with fused RMSNorm / SiLU*up / residual, decode
                   attention with RoPE and cache write), the whole step captured in one CUDA graph by hand
@@ -21,16 +21,26 @@ folder is on `sys.path` when a sibling script runs):
     Transformer, hf_to_fast_name, load_hf_state_dict, model_from_hf,
     prefill, decode_one_token, decode_n_tokens, generate,
     quantize_int8, dequantize_int8, quantize_int4, dequantize_int4, pack_int4, unpack_int4,
-    Int8Linear, Int4Linear, quantize_model, fused_linear, decode_attention, FusedDecoder
+    Int8Linear, Int4Linear, quantize_model, make_linear, fused_linear, reference_linear,
+    decode_attention, FusedDecoder
 
-Run it
-    python fast_decode.py --random-weights llama-3-8b --json results/fast_decode-h100.json   # H100
-    python fast_decode.py --model <SmolLM2 folder> --batch-sizes 1 --new-tokens 16           # CPU
+Run it (from the repository root)
+    # H100, Llama-3-8B shape with random bf16 weights (no download), every variant, batch 1/8/32:
+    python inference/inference-acceleration/examples/fast_decode.py --random-weights llama-3-8b \
+        --profile --json inference/inference-acceleration/results/fast_decode-h100.json
+    # CPU, the small real model (under a minute on 2 idle cores):
+    python inference/inference-acceleration/examples/fast_decode.py --model <SmolLM2 folder> \
+        --device cpu --threads 1 --batch-sizes 1 --prompt-len 16 --slow-new-tokens 4 --group-size 64 \
+        --ppl-tokens 128 --ppl-context 64 --json fast_decode-cpu.json
+    # rebuild the table and chart of an existing results file (measures nothing):
+    python inference/inference-acceleration/examples/fast_decode.py --render fast_decode-cpu.json
 
 On the CPU with SmolLM2-135M it prints decode tokens/s of hf_generate, eager, eager_int8 and
-eager_int4, checks that the eager decoder's greedy tokens equal transformers' `generate`, and
-reports perplexity, KL divergence and top-1 agreement of the INT8/INT4 models against the
-unquantized one. The Triton parts need CUDA and the `triton` package (imported only if present).
+eager_int4, checks that the eager decoder's greedy tokens equal transformers' `generate`
+(`matches_hf_generate` in the JSON), and reports perplexity, KL divergence and top-1 agreement of
+the INT8 and INT4 models against the unquantized one (INT8: KL about 0.005; INT4 with group 64:
+about 0.5, a small model is the hard case). The Triton parts need CUDA and the `triton` package
+(imported only if present); on the CPU the quantized layers use PyTorch's own int8/int4 kernels.
 """
 
 from __future__ import annotations
@@ -367,6 +377,11 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
 # ----------------------------------------------------------------------------------------------
 # Weight-only quantization: pure functions, then modules
 # ----------------------------------------------------------------------------------------------
+# PyTorch's CPU weight-only kernels are made for decode (a few rows of x); for a prompt we
+# dequantize once and use an ordinary matmul, as engines switch kernels between prefill and decode.
+CPU_KERNEL_MAX_ROWS = 32
+
+
 # --8<-- [start:int8]
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel INT8: w ≈ q * s[:, None], s = max|w_row| / 127, q in [-127, 127].
@@ -397,8 +412,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _kernels_usable(x):
-            return fused_linear(x, self)
-        return F.linear(x, self.dequantized().to(x.dtype))  # reference path (CPU)
+            return fused_linear(x, self)  # our Triton kernel (CUDA)
+        if x.device.type == "cpu" and x.numel() <= CPU_KERNEL_MAX_ROWS * self.in_features:
+            # decode: PyTorch's own weight-only INT8 kernel for the CPU
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale.to(x.dtype))
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized().to(x.dtype))  # prompt / reference: dequantize, then matmul
 # --8<-- [end:int8]
 
 
@@ -462,8 +481,23 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _kernels_usable(x):
-            return fused_linear(x, self)
-        return F.linear(x, self.dequantized().to(x.dtype))  # reference path (CPU)
+            return fused_linear(x, self)  # our Triton kernel (CUDA)
+        if x.device.type == "cpu" and x.numel() <= CPU_KERNEL_MAX_ROWS * self.in_features:
+            # decode: PyTorch's weight-only INT4 kernel for the CPU (its own packing)
+            packed, scales_zeros = self._cpu_format()
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), packed,
+                                                  self.group, scales_zeros.to(x.dtype))
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized().to(x.dtype))  # prompt / reference: dequantize, then matmul
+
+    def _cpu_format(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Repack once for PyTorch's CPU kernel, which computes w = (q - 8) * s + m per group:
+        our (q - z) * s is the same with m = (8 - z) * s."""
+        if getattr(self, "_cpu", None) is None:
+            q = unpack_int4(self.packed, self.group).to(torch.int32)                # (N, K)
+            s, z = self.scale.float(), self.zero.float()                            # (K/G, N)
+            self._cpu = (torch._convert_weight_to_int4pack_for_cpu(q, 2), torch.stack([s, (8 - z) * s], dim=-1))
+        return self._cpu
 # --8<-- [end:int4]
 
 
@@ -632,14 +666,14 @@ if triton is not None:
         for g0 in range(0, n_groups, GROUPS):
             for gi in tl.static_range(GROUPS):
                 g = g0 + gi
-                valid = g < n_groups
+                g_w = tl.minimum(g, n_groups - 1)  # past the last group x loads as 0: adds nothing
                 # x rounded to bf16 first: the tensor cores see that x, so sum(x) must too
-                x_lo = _load_act(x_ptr, rows, g * GROUP + j, rmask & valid, stride_x, K).to(tl.bfloat16).to(tl.float32)
-                x_hi = _load_act(x_ptr, rows, g * GROUP + HALF + j, rmask & valid, stride_x, K).to(tl.bfloat16).to(tl.float32)
-                acc = _int4_group(acc, x_lo, x_hi, w_ptr, s_ptr, z_ptr, cols, nmask & valid, g, K, NW,
+                x_lo = _load_act(x_ptr, rows, g * GROUP + j, rmask, stride_x, K).to(tl.bfloat16).to(tl.float32)
+                x_hi = _load_act(x_ptr, rows, g * GROUP + HALF + j, rmask, stride_x, K).to(tl.bfloat16).to(tl.float32)
+                acc = _int4_group(acc, x_lo, x_hi, w_ptr, s_ptr, z_ptr, cols, nmask, g_w, K, NW,
                                   HALF, BLOCK_M, DOT_F32)
                 if GLU:
-                    acc_up = _int4_group(acc_up, x_lo, x_hi, w_ptr, s_ptr, z_ptr, cols + N, nmask & valid, g, K,
+                    acc_up = _int4_group(acc_up, x_lo, x_hi, w_ptr, s_ptr, z_ptr, cols + N, nmask, g_w, K,
                                          NW, HALF, BLOCK_M, DOT_F32)
                 if RMS:
                     ss += tl.sum(x_lo * x_lo, axis=1) + tl.sum(x_hi * x_hi, axis=1)
@@ -1243,14 +1277,26 @@ def markdown_table(result: dict) -> str:
         for r in pre:
             lines.append(f"| {r['model_variant']} | {r['batch_size']} | {r['prompt_len']} | "
                          f"{r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {r['roofline_fraction']:.2f} |")
+    gemv = [r for r in decode if r["variant"].startswith("fused") and r["batch_size"] == 1 and r.get("launch_configs")]
+    if gemv:  # each weight shape timed alone (cold L2, do_bench median) while tuning, batch 1
+        lines += ["", "| GEMV, batch 1 (tuning, each kernel alone) | " + " | ".join(r["variant"] for r in gemv) + " |",
+                  "| --- |" + " ---: |" * len(gemv)]
+        for key in gemv[0]["launch_configs"]:
+            cells = []
+            for r in gemv:
+                c = r["launch_configs"][key]
+                mb = c["us"] * c["weight_gbps"] / 1e3
+                cells.append(f"{mb:.0f} MB, {c['us']:.1f} µs, {c['weight_gbps']:.0f} GB/s")
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
     if result.get("quality"):
         lines += ["", "| quality | tokens | perplexity | KL vs unquantized | top-1 agreement |",
                   "| --- | ---: | ---: | ---: | ---: |"]
         for q in result["quality"]:
             lines.append(f"| {q['variant']} | {q['tokens']} | {q['ppl']:.2f} ± {q['ppl_se']:.2f} | "
                          f"{q['kl_vs_unquantized']:.4f} | {q['top1_agreement']:.3f} |")
-    head = (f"{result['hardware']}; copy bandwidth {result['bandwidth_gbps']:.0f} GB/s (read + write); "
-            f"prompt {result['prompt_len']} tokens; torch {result['versions']['torch']}.")
+    head = (f"{result['model']} on {result['hardware']}; copy bandwidth {result['bandwidth_gbps']:.0f} GB/s "
+            f"(read + write); prompt {result['prompt_len']} tokens; torch {result['versions']['torch']}; "
+            f"{result['date'][:10]}. Command: `{result['command']}`")
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -1302,6 +1348,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="activation and weight dtype; auto: bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and random prompts")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 keeps torch's choice")
     m = p.add_argument_group("Method")
     m.add_argument("--variants", default="auto",
                    help="comma list of " + ", ".join(ALL_VARIANTS) + " (aliases bf16, int8, int4 = fused_*); "
@@ -1328,6 +1375,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("Output")
     o.add_argument("--json", metavar="PATH", help="write results JSON here, plus PATH.md table and PATH.png chart")
     o.add_argument("--quiet", action="store_true", help="no progress output")
+    o.add_argument("--render", metavar="JSON", help="measure nothing: rebuild JSON's .md table, .png chart "
+                   "and profile table from an existing results file")
     return p
 
 
@@ -1452,9 +1501,13 @@ def tokens_match(a: torch.Tensor, b: torch.Tensor, start: int, eos: int | None) 
 @torch.no_grad()
 def main(args: argparse.Namespace) -> dict:
     device, dtype, variants, batches = check_inputs(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
+    if args.quiet:
+        hf_logging.disable_progress_bar()
 
     tokenizer = None
     t_load = time.perf_counter()
@@ -1570,6 +1623,9 @@ def main(args: argparse.Namespace) -> dict:
                 log(args, f"{variant} batch {B} failed: {line}")
                 errors.append({"variant": variant, "batch_size": B, "error": line})
         del fused, compiled_step
+        if args.json:  # a partial file after each variant, so a run cut short still leaves its numbers
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"partial": True, "runs": runs, "errors": errors}, indent=1))
         if variant == "hf_generate":
             hf = None if args.random_weights else hf
         if cuda:
@@ -1600,7 +1656,7 @@ def main(args: argparse.Namespace) -> dict:
 
     result = {
         "script": "fast_decode.py", "hardware": hardware(device), "versions": versions(),
-        "command": "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": "python " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model_name, "device": device.type, "dtype": str(dtype).split(".")[-1],
         "bandwidth_gbps": bandwidth, "matmul_tflops": tflops, "prompt_len": T,
@@ -1610,17 +1666,22 @@ def main(args: argparse.Namespace) -> dict:
         "weight_bytes_bf16_layers": plain_weight_bytes(model), "runs": runs,
         "quality": quality, "quality_note": quality_note, "profile": profile_rows, "errors": errors,
     }
-    table = markdown_table(result)
-    print(table)
+    print(markdown_table(result))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
-        path.with_suffix(".md").write_text(table)
-        bar_chart(result, path.with_suffix(".png"))
-        if profile_rows:
-            path.with_name(path.stem + "-profile.md").write_text(profile_table(result))
+        render(path)
     return result
+
+
+def render(path: Path) -> None:
+    """Write the table (.md), the chart (.png) and, if profiled, the profile table beside the JSON."""
+    result = json.loads(path.read_text())
+    path.with_suffix(".md").write_text(markdown_table(result))
+    bar_chart(result, path.with_suffix(".png"))
+    if result.get("profile"):
+        path.with_name(path.stem + "-profile.md").write_text(profile_table(result))
 
 
 def profile_table(result: dict) -> str:
@@ -1639,7 +1700,11 @@ def profile_table(result: dict) -> str:
 if __name__ == "__main__":
     cli = build_parser()
     try:
-        main(cli.parse_args())
+        cli_args = cli.parse_args()
+        if cli_args.render:
+            render(Path(cli_args.render))
+        else:
+            main(cli_args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -402,7 +402,8 @@ def hardware_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def versions() -> dict[str, str]:

@@ -56,21 +56,27 @@ from datetime import datetime, timezone
 from enum import Enum, auto
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.nn.functional as F
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
+
+def fail(message: str) -> NoReturn:
+    """Bad input ends in one line and exit code 2, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
 # Shapes of real models for speed runs with random weights (speed does not depend on the values).
 RANDOM_SHAPES: dict[str, dict] = {
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                       rope_theta=500000.0, max_position_embeddings=8192),
+                       rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                         rope_theta=500000.0, max_position_embeddings=8192),
+                         rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
                  rope_theta=10000.0, max_position_embeddings=2048),
@@ -342,21 +348,37 @@ class AttentionMetadata:
     block_tables: torch.Tensor     # (B, MB) physical blocks of each sequence, padded with 0
     context_lens: torch.Tensor     # (B,) tokens in the cache after this step's writes
     query_lens: list[int]          # new tokens per sequence (1 in decode)
+    context_lens_host: list[int]   # the same lengths on the host: the prefill loop reads them without a GPU sync
+    decode_slots: torch.Tensor | None = None   # (B, MB*BS) decode: slot of every key position
+
+
+def decode_slots(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                 null_slot: int) -> torch.Tensor:
+    """Slot of key position p of sequence b: block_tables[b, p // BS] * BS + p % BS.
+
+    Positions past a sequence's length point at null_slot, a slot of an all-zero block that is
+    never handed out: the padded gather then reads zeros, never a stale (or NaN) value.
+    block_tables (B, MB), context_lens (B,) -> (B, MB*BS).
+    """
+    pos = torch.arange(block_tables.shape[1] * block_size, device=block_tables.device)   # (MB*BS,)
+    slots = block_tables[:, pos // block_size] * block_size + pos % block_size          # (B, MB*BS)
+    return torch.where(pos < context_lens[:, None], slots, null_slot)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v with Hkv K/V heads shared by groups of G = H / Hkv queries.
 
-    q (B, Tq, H, D); k, v (B, Tk, Hkv, D); mask (B, Tq, Tk), True where a key may be seen.
+    q (B, Tq, H, D); k, v (B, Hkv, Tk, D); mask (B, Tq, Tk), True where a key may be seen.
+    Returns (B, Tq, H, D).
     """
     B, Tq, H, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+    Hkv, Tk = k.shape[1], k.shape[2]
     G = H // Hkv
     q = q.view(B, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Tq, D)   # (B, Hkv, G*Tq, D)
-    scores = q @ k.permute(0, 2, 3, 1) * D ** -0.5                                  # (B, Hkv, G*Tq, Tk)
+    scores = q @ k.transpose(-1, -2) * D ** -0.5                                    # (B, Hkv, G*Tq, Tk)
     scores = scores.float().view(B, Hkv, G, Tq, Tk).masked_fill(~mask[:, None, None], float("-inf"))
     p = scores.softmax(dim=-1).to(v.dtype).view(B, Hkv, G * Tq, Tk)
-    out = p @ v.permute(0, 2, 1, 3)                                                 # (B, Hkv, G*Tq, D)
+    out = p @ v                                                                     # (B, Hkv, G*Tq, D)
     return out.view(B, Hkv, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B, Tq, H, D)
 
 
@@ -367,25 +389,25 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q (T, H, D) packed tokens of all sequences; k_cache, v_cache (NB, BS, Hkv, D) one layer.
     Returns (T, H, D).
     """
-    BS = k_cache.shape[1]
-    if not meta.is_prefill:               # decode: one query per sequence, one batched gather
-        B, MB = meta.block_tables.shape
-        k = k_cache[meta.block_tables].flatten(1, 2)                        # (B, MB*BS, Hkv, D)
-        v = v_cache[meta.block_tables].flatten(1, 2)                        # (B, MB*BS, Hkv, D)
-        valid = torch.arange(MB * BS, device=q.device) < meta.context_lens[:, None]   # (B, MB*BS)
-        v = v.masked_fill(~valid[:, :, None, None], 0.0)    # 0 * NaN would be NaN: padding must not leak
+    BS, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if not meta.is_prefill:               # decode: one query per sequence, one padded gather for all
+        slots = meta.decode_slots[:, None, :]                                   # (B, 1, L)
+        heads = torch.arange(Hkv, device=q.device)[None, :, None]               # (1, Hkv, 1)
+        k = k_cache.flatten(0, 1)[slots, heads]        # (B, Hkv, L, D), the layout the matmul reads
+        v = v_cache.flatten(0, 1)[slots, heads]        # (B, Hkv, L, D)
+        valid = torch.arange(slots.shape[-1], device=q.device) < meta.context_lens[:, None]   # (B, L)
         return grouped_attention(q[:, None], k, v, valid[:, None]).squeeze(1)   # (B, H, D)
     out, start = [], 0
     for i, Tq in enumerate(meta.query_lens):   # prefill: each sequence attends over its own blocks
-        ctx = int(meta.context_lens[i])
+        ctx = meta.context_lens_host[i]
         blocks = meta.block_tables[i, :math.ceil(ctx / BS)]
-        k = k_cache[blocks].flatten(0, 1)[:ctx]                             # (ctx, Hkv, D)
-        v = v_cache[blocks].flatten(0, 1)[:ctx]
-        q_pos = torch.arange(ctx - Tq, ctx, device=q.device)                # positions of the queries
-        causal = q_pos[:, None] >= torch.arange(ctx, device=q.device)[None]   # (Tq, ctx)
+        k = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)                 # (Hkv, ctx, D)
+        v = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+        q_pos = torch.arange(ctx - Tq, ctx, device=q.device)                    # positions of the queries
+        causal = q_pos[:, None] >= torch.arange(ctx, device=q.device)[None]     # (Tq, ctx)
         out.append(grouped_attention(q[None, start:start + Tq], k[None], v[None], causal[None])[0])
         start += Tq
-    return torch.cat(out)                                                   # (T, H, D)
+    return torch.cat(out)                                                       # (T, H, D)
 # --8<-- [end:paged_attention]
 
 
@@ -395,9 +417,12 @@ class PagedKVCache:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, fill: float = 0.0) -> None:
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        # One extra block, never handed out and always zero: padding in a gather points here.
+        shape = (num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.k = torch.full(shape, fill, dtype=dtype, device=device)
         self.v = torch.full(shape, fill, dtype=dtype, device=device)
+        self.k[:, num_blocks], self.v[:, num_blocks] = 0.0, 0.0
+        self.null_slot = num_blocks * block_size
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the new tokens' K/V (T, Hkv, D) at their slots (T,)."""
@@ -468,7 +493,8 @@ def contiguous_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_t
         end = start + len(q)
         kc[layer, start:end], vc[layer, start:end] = k, v
         causal = torch.arange(start, end, device=device)[:, None] >= torch.arange(end, device=device)[None]
-        return grouped_attention(q[None], kc[layer, None, :end], vc[layer, None, :end], causal[None])[0]
+        k_all, v_all = kc[layer, :end].transpose(0, 1), vc[layer, :end].transpose(0, 1)   # (Hkv, end, D)
+        return grouped_attention(q[None], k_all[None], v_all[None], causal[None])[0]
 
     tokens, start = list(prompt_ids), 0
     while len(tokens) - len(prompt_ids) < max_new_tokens:
@@ -537,8 +563,10 @@ class LLMEngine:
         mb = max(len(seq.block_table) for seq in seqs)
         tables = [seq.block_table + [0] * (mb - len(seq.block_table)) for seq in seqs]
         as_tensor = partial(torch.tensor, dtype=torch.long, device=self.device)
-        meta = AttentionMetadata(is_prefill, as_tensor(slots), as_tensor(tables),
-                                 as_tensor([seq.num_tokens for seq in seqs]), query_lens)
+        lens = [seq.num_tokens for seq in seqs]
+        meta = AttentionMetadata(is_prefill, as_tensor(slots), as_tensor(tables), as_tensor(lens), query_lens, lens)
+        if not is_prefill:                # computed once per step, read by every layer
+            meta.decode_slots = decode_slots(meta.block_tables, meta.context_lens, BS, self.cache.null_slot)
         return as_tensor(ids), as_tensor(pos), meta
 
     @torch.inference_mode()
@@ -576,8 +604,13 @@ class LLMEngine:
 
 # ---------------------------------------------------------------- baselines: transformers generate
 
-def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int) -> list[list[int]]:
-    """Greedy transformers generate on a left-padded batch; every row runs max_new_tokens steps."""
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int,
+                exact_length: bool = True) -> list[list[int]]:
+    """Greedy transformers generate on a left-padded batch.
+
+    exact_length: every row runs max_new_tokens steps (the end token is masked out until then, as a
+    benchmark needs); otherwise generation stops at the model's end token (as the checks need).
+    """
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -585,7 +618,8 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_token_
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
     out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
-                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if exact_length else None,
+                         pad_token_id=pad_token_id)
     return [row[width:].tolist() for row in out]
 
 
@@ -630,7 +664,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
+        fail("--device cuda but no CUDA GPU is visible; use --device cpu")
     return torch.device(name)
 
 
@@ -655,10 +689,10 @@ def load_model(model: str, random_weights: str | None, device: torch.device, dty
     try:
         m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError) as error:
-        sys.exit(f"error: cannot load model {model!r} ({str(error).splitlines()[0]}); "
+        fail(f"cannot load model {model!r} ({str(error).splitlines()[0]}); "
                  "pass a local folder or a hub id you can download")
     if m.config.model_type != "llama":
-        sys.exit(f"error: {model!r} is a {m.config.model_type} model; this example drives Llama-architecture models")
+        fail(f"{model!r} is a {m.config.model_type} model; this example drives Llama-architecture models")
     return m.to(device).eval()
 
 
@@ -694,36 +728,39 @@ def num_blocks_for(model, kv_cache_gib: float, block_size: int) -> int:
 
 def run_checks(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None, block_size: int,
                seed: int) -> dict:
-    """Greedy tokens of the paged engine against a contiguous cache and transformers generate."""
+    """Greedy tokens of the paged engine against a contiguous cache and transformers generate.
+
+    Every path stops at the end token `eos` (or after max_new_tokens), as transformers does.
+    """
     n = [max_new_tokens] * len(prompts)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    hf = [hf_generate(model, [p], k, pad)[0] for p, k in zip(prompts, n)]
-    contiguous = [contiguous_generate(model, p, k, None) for p, k in zip(prompts, n)]
+    hf = [hf_generate(model, [p], k, pad, exact_length=False)[0] for p, k in zip(prompts, n)]
+    contiguous = [contiguous_generate(model, p, k, eos) for p, k in zip(prompts, n)]
     roomy = sum(math.ceil((len(p) + max_new_tokens) / block_size) for p in prompts) + 4
 
     def engine(num_blocks: int, **kw) -> tuple[list[list[int]], LLMEngine]:
         e = LLMEngine(model, num_blocks, block_size, shuffle_seed=seed, poison=True, check=True, **kw)
-        out = e.generate(prompts, n)
+        out = e.generate(prompts, n, eos)
         e.block_manager.check_invariants([])
         assert e.block_manager.num_free == num_blocks, "blocks leaked after all requests finished"
         return out, e
 
     paged, _ = engine(roomy)
-    # A pool that holds about a third of the requests at their full length: forces preemption.
+    # A pool that admits every prompt but cannot hold them as they grow: forces preemption.
     tight_blocks = max(math.ceil((max(map(len, prompts)) + max_new_tokens) / block_size),
-                       roomy // 3)
+                       sum(math.ceil(len(p) / block_size) for p in prompts))
     tight, tight_engine = engine(tight_blocks)
     static, _ = engine(roomy, policy="static", max_num_seqs=2)
-    # Prefix caching: every prompt starts with the same long "system prompt".
-    system = prompts[0] * 3
+    # Prefix caching: every prompt starts with the same "system prompt" of two and a bit blocks.
+    system = (sum(prompts, []) * 8)[:2 * block_size + 3]
     shared_prompts = [system + p for p in prompts]
-    ref_shared = [contiguous_generate(model, p, max_new_tokens, None) for p in shared_prompts]
+    ref_shared = [contiguous_generate(model, p, max_new_tokens, eos) for p in shared_prompts]
     e = LLMEngine(model, roomy * 4, block_size, max_num_seqs=1, prefix_caching=True, shuffle_seed=seed,
                   poison=True, check=True)
-    cached = e.generate(shared_prompts, n)
+    cached = e.generate(shared_prompts, n, eos)
     # fork: a second greedy continuation shares the prompt's blocks; its first write copies one.
     f = LLMEngine(model, roomy, block_size, shuffle_seed=seed, poison=True, check=True)
-    parent = f.add_request(prompts[0], max_new_tokens)
+    parent = f.add_request(prompts[0], max_new_tokens, eos)
     f.step()                                   # prefill (and the first token)
     child = f.fork(parent)
     while not f.scheduler.is_finished():
@@ -733,6 +770,7 @@ def run_checks(model, prompts: list[list[int]], max_new_tokens: int, eos: int | 
         "num_prompts": len(prompts),
         "prompt_lengths": [len(p) for p in prompts],
         "max_new_tokens": max_new_tokens,
+        "output_lengths": [len(o) for o in contiguous],
         "paged_equals_contiguous": paged == contiguous,
         "contiguous_equals_transformers": contiguous == hf,
         "paged_equals_transformers": paged == hf,
@@ -742,7 +780,7 @@ def run_checks(model, prompts: list[list[int]], max_new_tokens: int, eos: int | 
         "static_policy_tokens_identical": static == contiguous,
         "prefix_caching": {"shared_prefix_tokens": len(system), "prefix_hit_tokens": e.block_manager.num_prefix_hit_tokens,
                            "tokens_computed": e.num_computed_tokens,
-                           "tokens_computed_without_cache": sum(map(len, shared_prompts)) + len(prompts) * (max_new_tokens - 1),
+                           "tokens_computed_without_cache": sum(map(len, shared_prompts)) + sum(len(o) - 1 for o in ref_shared),
                            "tokens_identical": cached == ref_shared},
         "fork_copy_on_write": {"cow_copies": f.block_manager.num_cow_copies,
                                "tokens_identical": parent.output_ids == child.output_ids == contiguous[0]},
@@ -780,9 +818,28 @@ def memory_summary(engine: LLMEngine, bytes_per_token: int, max_model_len: int, 
     }
 
 
-def run_benchmark(model, work: Workload, args, device: torch.device) -> dict:
+def ops_per_decode_step(model, block_size: int) -> int:
+    """PyTorch operator calls (top level, views included) in one decode step of 4 sequences.
+
+    Eager PyTorch pays host time for each of them; a CUDA graph replays the whole step at once.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = LLMEngine(model, 64, block_size)
+    for n in (5, 9, 17, 30):
+        engine.add_request(list(range(3, 3 + n)), 8)
+    engine.step()                         # prefill
+    engine.step()                         # a first decode step
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def run_benchmark(model, work: Workload, args, device: torch.device,
+                  save: Callable[[dict], None] = lambda bench: None) -> dict:
+    """Each method on the same workload, one after another; `save` gets the partial results after each."""
     quiet = args.quiet
-    bytes_per_token = kv_bytes_per_token_of(model)
     num_blocks = args.num_blocks or num_blocks_for(model, args.kv_cache_gib, args.block_size)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     total_out = sum(work.max_new_tokens)
@@ -790,39 +847,48 @@ def run_benchmark(model, work: Workload, args, device: torch.device) -> dict:
     warm = make_workload(2, (8, 16), (4, 4), model.config.vocab_size, args.seed + 1)
     _, warm_engine_s = timed(lambda: LLMEngine(model, 64, args.block_size).generate(warm.prompts, warm.max_new_tokens), device)
     _, warm_hf_s = timed(lambda: hf_generate(model, warm.prompts, 4, pad), device)
-
     rows: dict[str, dict] = {}
+    bench = {"workload": work.description, "total_output_tokens": total_out,
+             "total_prompt_tokens": sum(map(len, work.prompts)), "num_blocks": num_blocks,
+             "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+             "warmup_seconds": {"engine": warm_engine_s, "transformers": warm_hf_s},
+             "ops_per_decode_step": ops_per_decode_step(model, args.block_size),
+             "num_layers": model.config.num_hidden_layers, "throughput": rows}
+
+    def add(name: str, tokens: int, seconds: float, **extra) -> None:
+        rows[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, **extra}
+        base = next(iter(rows.values()))["tokens_per_s"]        # the continuous engine comes first
+        for row in rows.values():
+            row["fraction_of_paged_engine"] = row["tokens_per_s"] / base
+        print(f"{name}: {tokens / seconds:.1f} tokens/s ({seconds:.1f} s)", flush=True)
+        save(bench)
+
     engine, seconds = run_engine(model, work, args, "continuous", num_blocks, quiet)
-    rows["paged engine, continuous batching"] = {"tokens": total_out, "seconds": seconds,
-                                                 "preemptions": engine.scheduler.num_preemptions}
-    memory = memory_summary(engine, bytes_per_token, args.max_model_len, num_blocks, args.block_size)
-    static_engine, seconds = run_engine(model, work, args, "static", num_blocks, quiet)
-    rows["paged engine, static batching"] = {"tokens": total_out, "seconds": seconds,
-                                             "preemptions": static_engine.scheduler.num_preemptions}
+    bench["memory"] = memory_summary(engine, kv_bytes_per_token_of(model), args.max_model_len, num_blocks,
+                                     args.block_size)
+    add("paged engine, continuous batching", total_out, seconds, steps=len(engine.stats),
+        preemptions=engine.scheduler.num_preemptions)
+    del engine                            # free its KV pool before the next engine allocates one
+    engine, seconds = run_engine(model, work, args, "static", num_blocks, quiet)
+    add("paged engine, static batching", total_out, seconds, steps=len(engine.stats),
+        preemptions=engine.scheduler.num_preemptions)
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()          # the transformers baselines get the pool's memory back
     if args.hf_batch_size:
         with progress_bar(total_out, "transformers padded", quiet) as bar:
             _, seconds = timed(lambda: hf_padded_batches(model, work.prompts, work.max_new_tokens,
                                                          args.hf_batch_size, pad, bar), device)
-        rows[f"transformers generate, padded batches of {args.hf_batch_size}"] = {"tokens": total_out, "seconds": seconds}
+        add(f"transformers generate, padded batches of {args.hf_batch_size}", total_out, seconds)
     if args.hf_single:
         k = min(args.hf_single, len(work.prompts))
         sub_out = sum(work.max_new_tokens[:k])
         with progress_bar(sub_out, "transformers one at a time", quiet) as bar:
-            _, seconds = timed(lambda: hf_padded_batches(model, work.prompts[:k], work.max_new_tokens[:k], 1, pad, bar), device)
+            _, seconds = timed(lambda: hf_padded_batches(model, work.prompts[:k], work.max_new_tokens[:k], 1, pad, bar),
+                               device)
         name = "transformers generate, one request at a time"
-        if k < len(work.prompts):
-            name += f" (first {k} requests)"
-        rows[name] = {"tokens": sub_out, "seconds": seconds, "requests_measured": k}
-    for row in rows.values():
-        row["tokens_per_s"] = row["tokens"] / row["seconds"]
-    base = rows["paged engine, continuous batching"]["tokens_per_s"]
-    for row in rows.values():
-        row["fraction_of_paged_engine"] = row["tokens_per_s"] / base
-    return {"workload": work.description, "total_output_tokens": total_out,
-            "total_prompt_tokens": sum(map(len, work.prompts)), "num_blocks": num_blocks,
-            "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
-            "warmup_seconds": {"engine": warm_engine_s, "transformers": warm_hf_s},
-            "throughput": rows, "memory": memory}
+        add(name + (f" (first {k} requests)" if k < len(work.prompts) else ""), sub_out, seconds, requests_measured=k)
+    return bench
 
 
 # --------------------------------------------------------------------------- results files
@@ -851,6 +917,10 @@ def markdown_table(result: dict) -> str:
         for name, row in b["throughput"].items():
             lines.append(f"| {name} | {row['tokens']} | {row['seconds']:.2f} | {row['tokens_per_s']:.1f} | "
                          f"{row['fraction_of_paged_engine']:.3f} |")
+        if "ops_per_decode_step" in b:
+            lines += ["", f"One decode step issues {b['ops_per_decode_step']} PyTorch operator calls "
+                          f"({b['ops_per_decode_step'] / b['num_layers']:.0f} per layer, {b['num_layers']} layers), "
+                          "each with its own host-side cost in eager mode."]
         m = b["memory"]
         lines += ["", "| KV memory (continuous run) | paged blocks | pre-allocated to max length |",
                   "| --- | ---: | ---: |",
@@ -865,11 +935,11 @@ def markdown_table(result: dict) -> str:
         lines += ["", "| check (greedy tokens) | result |", "| --- | --- |",
                   f"| paged (shuffled blocks, NaN in unused slots) = contiguous cache | {c['paged_equals_contiguous']} |",
                   f"| contiguous cache = transformers generate | {c['contiguous_equals_transformers']} |",
-                  f"| with {c['preemption']['num_preemptions']} preemptions (pool of {c['preemption']['num_blocks']} blocks) | "
+                  f"| preemption by recompute ({c['preemption']['num_preemptions']} in a pool of {c['preemption']['num_blocks']} blocks) | "
                   f"{c['preemption']['tokens_identical']} |",
                   f"| prefix caching ({c['prefix_caching']['prefix_hit_tokens']} prompt tokens reused) | "
                   f"{c['prefix_caching']['tokens_identical']} |",
-                  f"| fork with copy-on-write ({c['fork_copy_on_write']['cow_copies']} block copied) | "
+                  f"| fork with copy-on-write (blocks copied: {c['fork_copy_on_write']['cow_copies']}) | "
                   f"{c['fork_copy_on_write']['tokens_identical']} |"]
     return "\n".join(lines).strip() + "\n"
 
@@ -980,7 +1050,9 @@ def main(args: argparse.Namespace) -> dict:
                     "model": name, "device": device.type, "dtype": str(dtype).removeprefix("torch.")}
     if args.check_prompts:
         prompts = check_prompts(args.model, args.random_weights, model.config.vocab_size, args.check_prompts, args.seed)
-        result["checks"] = run_checks(model, prompts, args.check_new_tokens, None, args.block_size, args.seed)
+        eos = model.config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        result["checks"] = run_checks(model, prompts, args.check_new_tokens, eos, args.block_size, args.seed)
         c = result["checks"]
         ok = all([c["paged_equals_contiguous"], c["paged_equals_transformers"], c["preemption"]["tokens_identical"],
                   c["prefix_caching"]["tokens_identical"], c["fork_copy_on_write"]["tokens_identical"]])
@@ -988,7 +1060,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.num_requests:
         work = make_workload(args.num_requests, tuple(args.prompt_len), tuple(args.output_len),
                              model.config.vocab_size, args.seed)
-        result["bench"] = run_benchmark(model, work, args, device)
+        save = (lambda bench: write_results({**result, "bench": bench}, args.json)) if args.json else (lambda bench: None)
+        result["bench"] = run_benchmark(model, work, args, device, save)
     if args.json:
         write_results(result, args.json)
     print(markdown_table(result))

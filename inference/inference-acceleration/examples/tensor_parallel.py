@@ -679,7 +679,7 @@ def results_markdown(result: dict[str, Any]) -> str:
              f"bandwidth {result['bandwidth_gbps']:.0f} GB/s per {unit} (read + write); prompt {prompts} tokens, "
              f"{result['new_tokens']} new tokens; {'CUDA graphs' if result['cuda_graphs'] else 'eager'}; "
              f"torch {result['versions']['torch']}.", "",
-             "| model | N | batch | all-reduce | tokens/s | × N = 1 | per-GPU roofline | ms/step | "
+             f"| model | N | batch | all-reduce | tokens/s | × N = 1 | fraction of the per-{unit} roofline | ms/step | "
              f"GB read per step per {unit} | its read time (ms) | one all-reduce (µs) | 2 × layers all-reduces (ms) |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted_runs(result["runs"]):
@@ -696,15 +696,17 @@ def results_markdown(result: dict[str, Any]) -> str:
 
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
+    """Per model: tokens/s by batch size (labels: speedup over N = 1), and the time of one step
+    beside its two predicted parts (bytes read at the copy bandwidth, 2 x layers all-reduces)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shapes = list(dict.fromkeys(r["model_shape"] for r in result["runs"]))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
-        rows = [r for r in result["runs"] if r["model_shape"] == shape]
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 4.2 * len(shapes)), squeeze=False)
+    for (ax, ax_t), shape in zip(axes, shapes):
+        rows = sorted_runs([r for r in result["runs"] if r["model_shape"] == shape])
         batches = sorted({r["batch_size"] for r in rows})
         configs = sorted({(r["tp_size"], r["allreduce"]) for r in rows})
         width = 0.8 / len(configs)
@@ -714,17 +716,30 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
                 if r is None:
                     continue
                 x = i + (j - (len(configs) - 1) / 2) * width
-                ax.bar(x, r["tokens_per_s"], width, color=f"C{j}", label=(f"N={tp}, {kind}" if tp > 1 else "N=1") if i == 0 else None)
+                ax.bar(x, r["tokens_per_s"], width, color=f"C{j}",
+                       label=(f"N={tp}, {kind}" if tp > 1 else "N=1") if i == 0 else None)
                 if r.get("speedup_vs_1"):
                     ax.text(x, r["tokens_per_s"], f"{r['speedup_vs_1']:.2f}×", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
         ax.set_ylabel("decode tokens/s")
-        ax.set_title(shape, fontsize=10)
+        ax.set_title(f"{shape}: tokens/s (labels: × N = 1)", fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"Tensor-parallel decode, {result['hardware']} (labels: speedup over one GPU)", fontsize=10)
+        names = [f"N={r['tp_size']} {r['allreduce'] if r['tp_size'] > 1 else ''}\nbatch {r['batch_size']}" for r in rows]
+        xs = range(len(rows))
+        ax_t.bar([x - 0.2 for x in xs], [r["ms_per_step"] for r in rows], 0.4, color="0.3", label="measured step")
+        read = [r["read_ms_per_step"] for r in rows]
+        ax_t.bar([x + 0.2 for x in xs], read, 0.4, color="C0", label="bytes read / copy bandwidth")
+        ax_t.bar([x + 0.2 for x in xs], [r.get("allreduce_ms_per_step", 0) for r in rows], 0.4, bottom=read,
+                 color="C3", label="2 × layers × one all-reduce")
+        ax_t.set_xticks(list(xs), names, fontsize=7)
+        ax_t.set_ylabel("ms per decode step")
+        ax_t.set_title(f"{shape}: one step and its predicted parts", fontsize=10)
+        ax_t.legend(fontsize=8, loc="upper left")
+        ax_t.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Tensor-parallel decode, {result['hardware']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -42,8 +42,15 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input ends in one line and exit code 2, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 PROMPTS = [
     "The capital of France is", "Write a haiku about the sea:", "The three laws of motion are",
     "def quicksort(items):", "A good breakfast before a long hike includes",
@@ -301,20 +308,20 @@ def main(args: argparse.Namespace) -> dict:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
+        fail("--device cuda but no CUDA GPU is visible; use --device cpu")
     use_gpu = torch.cuda.is_available() and args.device != "cpu"
     problem = vllm_problem(use_gpu)
     if problem:
-        sys.exit(f"error: {problem}")
+        fail(f"{problem}")
     model_path = args.quantized or args.model
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as error:
-        sys.exit(f"error: cannot read the model config of {model_path!r} ({str(error).splitlines()[0]})")
+        fail(f"cannot read the model config of {model_path!r} ({str(error).splitlines()[0]})")
     if args.compare_requests and (args.prompt_len[1] + args.output_len[1] > args.max_model_len):
-        sys.exit("error: --max-model-len must hold the longest comparison prompt plus output")
+        fail("--max-model-len must hold the longest comparison prompt plus output")
     if not use_gpu:
         set_cpu_env(args.kv_cache_gib, args.omp_threads_bind)
     if args.quiet:

@@ -85,7 +85,7 @@ def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
 
 @torch.no_grad()
 def capture_group_inputs(layer: nn.Module, groups: list[ScaleGroup], hidden: list[torch.Tensor],
-                         kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+                         kwargs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Inputs X (N, I) of every group, recorded by a forward hook on its first linear."""
     seen: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
 
@@ -96,8 +96,8 @@ def capture_group_inputs(layer: nn.Module, groups: list[ScaleGroup], hidden: lis
 
     handles = [next(iter(g.linears.values())).register_forward_pre_hook(make_hook(g.name)) for g in groups]
     try:
-        for h in hidden:
-            layer(h, **kwargs)
+        for h, kw in zip(hidden, kwargs):
+            layer(h, **kw)
     finally:
         for handle in handles:
             handle.remove()
@@ -228,7 +228,7 @@ def awq_model(model: nn.Module, calib: torch.Tensor, bits: int, group_size: int,
                     W = awq_clip(W, X[group.name], bits, group_size, sym, n_grid)
                 linear.weight.copy_(fake_quantize(W, bits, group_size, sym).to(linear.weight))
             records.append(record)
-        hidden = [layer(h, **kwargs) for h in hidden]
+        hidden = [layer(h, **kw) for h, kw in zip(hidden, kwargs)]
     return records
 
 

@@ -201,7 +201,10 @@ def quality_markdown(result: dict[str, Any]) -> str:
     fp_ppl = result["rows"][0]["perplexity"]
     header = ["method", "implementation", "bits", "group", "grid", "act-order", "size (MB)",
               "perplexity ± s.e.", "Δ ppl", "KL vs FP", "top-1 agreement"]
-    return provenance(result) + "\n" + markdown_table(header, [fmt_row(r, fp_ppl) for r in result["rows"]])
+    note = ("\nFP: the model as loaded, evaluated in float32 (its size is counted at 16 bits). SmolLM2's "
+            "published weights came through GGUF Q4_1, so every loss here is relative to that baseline. "
+            "Size: packed codes + 16-bit scales (+ zero points when asymmetric) + 16-bit unquantized tensors.\n")
+    return provenance(result) + note + "\n" + markdown_table(header, [fmt_row(r, fp_ppl) for r in result["rows"]])
 
 
 def sweep_markdown(result: dict[str, Any]) -> str:

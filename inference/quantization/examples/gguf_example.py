@@ -245,20 +245,21 @@ def read_gguf(path: Path) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def check_round_trip(path: Path, tensors: list[tuple[str, np.ndarray]], expected: dict[str, np.ndarray]) -> dict:
-    """File vs memory (must be exact), our torch blocks vs gguf-py (must be exact), and error vs FP32."""
+    """File vs memory (must be exact), our torch blocks vs gguf-py (must be exact; None when no tensor
+    of the file is Q8_0 or Q4_0), and the relative error of the decoder's linear weights vs FP32."""
     decoded = read_gguf(path)
     source = dict(tensors)
     if set(decoded) != set(source):
         raise RuntimeError(f"{path.name}: tensor names differ after reading back")
     file_vs_memory = max(float(np.abs(decoded[n][1] - expected[n]).max()) for n in source)
-    scratch_vs_gguf, err2, norm2, types = 0.0, 0.0, 0.0, {}
+    scratch_vs_gguf, err2, norm2, types = None, 0.0, 0.0, {}
     for name, W in source.items():
         ggml_type, W_hat = decoded[name]
         types[ggml_type] = types.get(ggml_type, 0) + 1
         if ggml_type in SCRATCH:
             quantize, dequantize = SCRATCH[ggml_type]
             ours = dequantize(*quantize(torch.from_numpy(W))).numpy()
-            scratch_vs_gguf = max(scratch_vs_gguf, float(np.abs(ours - W_hat).max()))
+            scratch_vs_gguf = max(scratch_vs_gguf or 0.0, float(np.abs(ours - W_hat).max()))
         if name.startswith("blk.") and W.ndim == 2:  # the decoder's linear weights
             err2 += float(((W - W_hat) ** 2).sum())
             norm2 += float((W**2).sum())
@@ -496,7 +497,7 @@ def main(args: argparse.Namespace) -> dict:
         "command": "python " + " ".join(sys.argv),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "model": args.model, "n_params": n_params, "device": str(device), "dtype": args.dtype,
-        "threads": args.threads, "context": args.context,
+        "threads": args.threads, "context": args.context, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
         "llama_cpp": "ran" if args.llama_cpp and have_llama_cpp else
                      ("not installed (pip install llama-cpp-python==0.3.36)" if args.llama_cpp else "not asked for (--no-llama-cpp)"),
         "rows": rows,

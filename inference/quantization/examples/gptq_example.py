@@ -286,16 +286,16 @@ class _StopForward(Exception):
 def capture_layer0_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int):
     """Run the embeddings on the calibration batch and record what decoder layer 0 receives.
 
-    Returns (hidden, kwargs): a list of hidden-state batches (B, T, D) and the keyword arguments
-    every decoder layer is called with (rotary position embeddings, attention mask, ...), so that
-    the layers can then be run one at a time without the rest of the model.
+    Returns (hidden, kwargs): per calibration batch, the hidden states (B, T, D) and the keyword
+    arguments every decoder layer is called with (rotary position embeddings, attention mask, ...),
+    so that the layers can then be run one at a time without the rest of the model.
     """
     hidden: list[torch.Tensor] = []
-    kwargs: dict[str, Any] = {}
+    kwargs: list[dict[str, Any]] = []
 
     def hook(_module, args, layer_kwargs):
         hidden.append(args[0] if args else layer_kwargs.pop("hidden_states"))
-        kwargs.update({k: v for k, v in layer_kwargs.items() if k not in ("past_key_values", "use_cache")})
+        kwargs.append({k: v for k, v in layer_kwargs.items() if k not in ("past_key_values", "use_cache")})
         raise _StopForward
 
     handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -311,7 +311,7 @@ def capture_layer0_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int
 
 
 @torch.no_grad()
-def layer_hessians(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+def layer_hessians(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """H = 2 X Xᵀ / N for every linear of one decoder layer, from forward hooks on its inputs."""
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
     H = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
@@ -329,8 +329,8 @@ def layer_hessians(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict[st
 
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in linears.items()]
     try:
-        for h in hidden:
-            layer(h, **kwargs)
+        for h, kw in zip(hidden, kwargs):
+            layer(h, **kw)
     finally:
         for handle in handles:
             handle.remove()
@@ -363,7 +363,7 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, bits: int, group_size: int
                           "rtn_error": _output_error(W - W_rtn, H[name]),
                           "gptq_error": _output_error(W - Q, H[name])})
             linear.weight.copy_(Q.to(linear.weight.dtype).to(linear.weight.device))
-        hidden = [layer(h, **kwargs) for h in hidden]  # inputs of the next layer, from this quantized one
+        hidden = [layer(h, **kw) for h, kw in zip(hidden, kwargs)]  # next layer's inputs, from this quantized one
     return stats
 
 
