@@ -90,9 +90,24 @@ def test_int4_grid_and_packing() -> None:
     level = wd / sg + z.float().repeat_interleave(G, dim=1)      # dequantized weights sit on integer levels
     assert (level - level.round()).abs().max() < 1e-3 and level.min() > -1e-3 and level.max() < 15 + 1e-3
     packed = fd.pack_int4(q, G)
-    assert packed.shape == (64, 128) and torch.equal(fd.unpack_int4(packed, G), q)
-    # layout: byte j of a group holds elements j (low nibble) and j + G/2 (high nibble)
-    assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, G // 2]) << 4)
+    assert packed.shape == (64, 32) and packed.dtype == torch.int32 and torch.equal(fd.unpack_int4(packed, G), q)
+    # layout: field i (bits 4i..4i+3) of word j of a group holds element i*W + j, W = G/8 words
+    W = G // 8
+    for g, j in ((0, 0), (1, 3), (7, 2)):
+        word = int(packed[5, g * W + j]) & 0xFFFFFFFF
+        assert word == sum(int(q[5, g * G + i * W + j]) << (4 * i) for i in range(8))
+
+
+@pytest.mark.parametrize("N, K, G", [(1, 8, 8), (37, 48, 16), (5, 192, 64), (13, 384, 128)])
+def test_int4_packing_round_trip_odd_shapes(N: int, K: int, G: int) -> None:
+    """Every 4-bit value (15 too, whose top field sets the int32 sign bit) survives packing."""
+    torch.manual_seed(N)
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    q[0, -1] = 15                                             # bit 31 of the last word: negative int32
+    packed = fd.pack_int4(q, G)
+    assert packed.shape == (N, K // 8) and torch.equal(fd.unpack_int4(packed, G), q)
+    w = torch.randn(N, K) * 0.02                              # the module stores exactly quantize_int4's q
+    assert torch.equal(fd.unpack_int4(fd.Int4Linear(w, G).packed, G), fd.quantize_int4(w, G)[0])
 
 
 @torch.no_grad()
@@ -134,10 +149,11 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 import fast_decode as fd
 torch.manual_seed(0)
-N, K, G = 40, 256, 64   # 4 groups, unrolled by 3: the last iteration runs past the end (masked)
+N, K = 40, 256   # int4: 4 or 2 groups, unrolled by 3: the last iteration runs past the end (masked)
 worst = 0.0
-for fmt, M, rms, glu, groups in (("int4", 1, True, True, 3), ("int4", 3, False, False, 3),
-                                  ("int8", 1, True, False, 64), ("bf16", 3, True, True, 64)):
+for fmt, M, rms, glu, groups, G in (("int4", 1, True, True, 3, 64), ("int4", 1, False, False, 2, 32),
+                                     ("int4", 3, False, False, 3, 128), ("int8", 1, True, False, 64, 0),
+                                     ("bf16", 3, True, True, 64, 0)):
     lin = fd.make_linear(torch.randn(2 * N if glu else N, K) * 0.05, fmt, G)
     x = torch.randn(M, K).bfloat16()
     res = torch.randn(M, N).bfloat16()
@@ -248,6 +264,37 @@ def test_gpu_linear_kernel_vs_dequantized(fmt: str, M: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("G", [32, 128])
+@pytest.mark.parametrize("config", fd.GEMV_CANDIDATES["int4"])
+def test_gpu_int4_gemv_every_config_odd_shape(config: tuple, G: int) -> None:
+    """Batch 1: every INT4 launch configuration the tuner may pick, on an odd shape (N = 997, a
+    partial row block; K = 5 groups of 128, or 20 of 32: the unrolled groups run past the end)."""
+    torch.manual_seed(G)
+    N, K = 997, 640
+    for rms, glu, res in ((True, True, False), (False, False, True)):
+        lin = fd.make_linear(torch.randn(2 * N if glu else N, K, device="cuda") * 0.02, "int4", G)
+        x = torch.randn(1, K, device="cuda").bfloat16()
+        r = torch.randn(1, N, device="cuda").bfloat16() if res else None
+        out = torch.full((1, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        fd.fused_linear(x, lin, out=out, rms=rms, glu=glu, residual=r, eps=1e-5, config=(1, *config))
+        assert not out.isnan().any()
+        assert rel_err(out, fd.reference_linear(x, lin, rms, glu, r)) < TOL["kernel"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 8])
+def test_gpu_tinygemm_same_weights(M: int) -> None:
+    """PyTorch's stock int4 kernel on our q, s, z gives our dequantized reference (packing checked)."""
+    torch.manual_seed(M)
+    N, K = 1000, 384
+    w = torch.randn(N, K, device="cuda") * 0.02
+    tiny, ours = fd.make_linear(w, "int4_tinygemm", 128), fd.make_linear(w, "int4", 128)
+    x = torch.randn(M, K, device="cuda").bfloat16()
+    assert fd.linear_bytes(tiny) == fd.linear_bytes(ours)   # same bytes read per step
+    assert rel_err(tiny(x).float(), fd.reference_linear(x, ours)) < TOL["kernel"]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("pos", [0, 77, 200])
 def test_gpu_decode_attention_vs_sdpa(pos: int) -> None:
     """RoPE + cache write + attention over slots 0..pos; NaN beyond pos changes nothing."""
@@ -275,7 +322,7 @@ def test_gpu_decode_attention_vs_sdpa(pos: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int4_tinygemm"])
 @torch.no_grad()
 def test_gpu_fused_graph_step_vs_eager(fmt: str) -> None:
     """Replays of the captured step give the eager decoder's logits (teacher forcing), step by step."""
@@ -293,7 +340,8 @@ def test_gpu_fused_graph_step_vs_eager(fmt: str) -> None:
     fused.tok.copy_(first[:, 0])
     fused.pos.fill_(T)
     graph = fused.capture()
-    tol = {"bf16": TOL["step_bf16"], "int8": TOL["step_int8"], "int4": TOL["step_int4_vs_bf16"]}[fmt]
+    tol = {"bf16": TOL["step_bf16"], "int8": TOL["step_int8"], "int4": TOL["step_int4_vs_bf16"],
+           "int4_tinygemm": TOL["step_int4_vs_bf16"]}[fmt]
     for i in range(n):
         tok = fused.tok[:, None].clone()
         graph.replay()
@@ -321,11 +369,11 @@ def test_gpu_script_run(tmp_path: Path) -> None:
                                   "num_key_value_heads": 2, "head_dim": 32}))
     out = tmp_path / "fd.json"
     result = run_script_json(SCRIPT, out, "--random-weights", str(config), "--variants",
-                             "eager,fused_bf16,fused_int8,fused_int4", "--batch-sizes", "1,8",
+                             "eager,fused_bf16,fused_int8,fused_int4,int4_tinygemm", "--batch-sizes", "1,8",
                              "--prompt-len", "32", "--new-tokens", "16", "--slow-new-tokens", "4",
                              "--repeats", "1", "--no-tune", "--profile", "--quiet")
     assert_results_header(result)
     names = {(r["variant"], r["batch_size"]) for r in result["runs"]}
-    for v in ("fused_bf16", "fused_int8", "fused_int4", "bf16", "int8", "int4", "prefill"):
+    for v in ("fused_bf16", "fused_int8", "fused_int4", "int4_tinygemm", "bf16", "int8", "int4", "prefill"):
         assert (v, 1) in names and (v, 8) in names
     assert result["profile"] and out.with_name("fd-profile.md").exists()

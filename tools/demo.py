@@ -33,7 +33,11 @@ DEMO_RUNS: dict[str, list[str]] = {
         "--slow-new-tokens", "4", "--group-size", "64", "--ppl-tokens", "128", "--ppl-context", "64",
         "--quiet", "--json", "{out}/fast_decode-cpu.json",
     ],
+    f"{ACCEL}/tensor_parallel.py": ["--model", "{model}", "--new-tokens", "16", "--json", "{out}/tensor_parallel-cpu.json"],
 }
+
+# Scripts launched by torchrun, with their number of processes (gloo on the CPU).
+TORCHRUN_PROCESSES = {f"{ACCEL}/tensor_parallel.py": 2}
 
 
 def example_scripts() -> list[str]:
@@ -44,9 +48,12 @@ def example_scripts() -> list[str]:
 
 def run_demo(script: str, args: list[str]) -> float:
     filled = [arg.format(model=SMOLLM2_DIR, out=OUT_DIR) for arg in args]
-    print(f"\n=== python {script} {' '.join(filled)}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, script, *filled], cwd=REPO_ROOT, check=True)
+    launcher = [sys.executable]
+    if script in TORCHRUN_PROCESSES:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={TORCHRUN_PROCESSES[script]}"]
+    print(f"\n=== {' '.join(['python', *launcher[1:], script, *filled])}", flush=True)
+    subprocess.run([*launcher, script, *filled], cwd=REPO_ROOT, check=True)
     return time.perf_counter() - start
 
 

@@ -12,7 +12,10 @@ loads transformers weights, and closes the gap to that limit step by step, each 
     fused_bf16    five Triton kernels per layer (GEMVs with fused RMSNorm / SiLU*up / residual, decode
                   attention with RoPE and cache write), the whole step captured in one CUDA graph by hand
     fused_int8    the same with INT8 weights (per-channel scales, dequantized in registers)
-    fused_int4    the same with INT4 weights (group-wise scales and zeros, two weights per byte)
+    fused_int4    the same with INT4 weights (group-wise scales and zeros, eight weights per int32 word,
+                  our W4A16 GEMV: integer arithmetic per weight cut to a shift, an and-or, a subtraction)
+    int4_tinygemm the same decoder with PyTorch's stock `_weight_int4pack_mm` for every linear (the
+                  baseline gpt-fast uses), epilogues as small PyTorch ops in the same CUDA graph
 
 Public names, in reading order (`tensor_parallel.py` in this folder imports them; the script's own
 folder is on `sys.path` when a sibling script runs):
@@ -21,7 +24,7 @@ folder is on `sys.path` when a sibling script runs):
     Transformer, hf_to_fast_name, load_hf_state_dict, model_from_hf,
     prefill, decode_one_token, decode_n_tokens, generate,
     quantize_int8, dequantize_int8, quantize_int4, dequantize_int4, pack_int4, unpack_int4,
-    Int8Linear, Int4Linear, quantize_model, make_linear, fused_linear, reference_linear,
+    Int8Linear, Int4Linear, Int4TinyGemmLinear, quantize_model, make_linear, fused_linear, reference_linear,
     decode_attention, FusedDecoder
 
 Run it (from the repository root)
@@ -444,33 +447,40 @@ def dequantize_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: in
 
 
 def pack_int4(q: torch.Tensor, group: int) -> torch.Tensor:
-    """Two 4-bit values per byte. Inside each group, byte j holds element j (low nibble) and element
-    j + G/2 (high nibble), so a kernel reads two contiguous half-groups of x against one byte run.
+    """Eight 4-bit values per int32 word, in strips: a group's W = G/8 words hold its G weights so
+    that field i (bits 4i..4i+3) of word j is element i*W + j. Field i of all W words is then a
+    run of W consecutive weights, which a kernel multiplies with a contiguous run of x.
 
-    q: (N, K) uint8 in [0, 15] -> (N, K/2) uint8."""
+    q: (N, K) uint8 in [0, 15] -> (N, K/8) int32."""
     N, K = q.shape
-    qg = q.reshape(N, K // group, 2, group // 2)                        # (N, K/G, 2, G/2)
-    return (qg[:, :, 0] | (qg[:, :, 1] << 4)).reshape(N, K // 2)
+    W = group // 8
+    qg = q.to(torch.int64).reshape(N, K // group, 8, W)                    # (N, K/G, 8, W): field i, word j
+    shifts = (4 * torch.arange(8, device=q.device)).view(1, 1, 8, 1)
+    words = (qg << shifts).sum(dim=2)                                        # (N, K/G, W) in [0, 2^32)
+    words = torch.where(words >= 2**31, words - 2**32, words)                # as signed int32 bits
+    return words.to(torch.int32).reshape(N, K // 8)
 
 
 def unpack_int4(packed: torch.Tensor, group: int) -> torch.Tensor:
-    N, K2 = packed.shape
-    pg = packed.reshape(N, K2 // (group // 2), 1, group // 2)
-    return torch.cat([pg & 15, pg >> 4], dim=2).reshape(N, 2 * K2)
+    N, K8 = packed.shape
+    W = group // 8
+    words = packed.to(torch.int64).reshape(N, K8 // W, 1, W)                 # (N, K/G, 1, W)
+    shifts = (4 * torch.arange(8, device=packed.device)).view(1, 1, 8, 1)
+    return ((words >> shifts) & 15).to(torch.uint8).reshape(N, 8 * K8)      # (N, K)
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T with W stored as packed INT4 (N, K/2) and per-group scales / zeros stored
+    """y = x W^T with W stored as packed INT4 (N, K/8) int32 and per-group scales / zeros stored
     transposed (K/G, N), so that a kernel reading a tile of rows loads them contiguously."""
 
     def __init__(self, weight: torch.Tensor, group: int):
         super().__init__()
         N, K = weight.shape
-        if K % group:
-            raise UserError(f"--group-size {group} does not divide the input width {K}; pick a divisor")
+        if K % group or group % 8 or group & (group - 1):
+            raise UserError(f"--group-size {group} must be a power of two >= 8 dividing the input width {K}")
         q, s, z = quantize_int4(weight, group)
         self.group = group
-        self.register_buffer("packed", pack_int4(q, group))     # (N, K/2) uint8
+        self.register_buffer("packed", pack_int4(q, group))     # (N, K/8) int32
         self.register_buffer("scale", s.t().contiguous())       # (K/G, N) bf16
         self.register_buffer("zero", z.t().contiguous())        # (K/G, N) bf16
         self.out_features, self.in_features = N, K
@@ -499,6 +509,29 @@ class Int4Linear(nn.Module):
             self._cpu = (torch._convert_weight_to_int4pack_for_cpu(q, 2), torch.stack([s, (8 - z) * s], dim=-1))
         return self._cpu
 # --8<-- [end:int4]
+
+
+# --8<-- [start:tinygemm]
+class Int4TinyGemmLinear(nn.Module):
+    """The same INT4 weights (same q, s, z) for PyTorch's stock CUDA kernel `_weight_int4pack_mm`
+    (tinygemm, gpt-fast's int4 path): the baseline our Triton kernel is measured against. Its packing
+    is its own (tiles for the tensor cores, `inner_k_tiles` 8), fed two values per byte with the even
+    element in the high nibble; it computes w = (q - 8) * s + m per group, i.e. m = (8 - z) * s."""
+
+    def __init__(self, weight: torch.Tensor, group: int, inner_k_tiles: int = 8):
+        super().__init__()
+        q, s, z = quantize_int4(weight, group)                               # (N, K), (N, K/G) x 2
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()                    # (N, K/2) uint8
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles))
+        s, z = s.float().t(), z.float().t()                                  # (K/G, N)
+        self.register_buffer("scales_zeros", torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16))
+        self.group, (self.out_features, self.in_features) = group, weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., K) bf16 on CUDA -> (..., N)
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).contiguous(), self.packed,
+                                               self.group, self.scales_zeros)
+        return y.view(*x.shape[:-1], self.out_features)
+# --8<-- [end:tinygemm]
 
 
 @torch.no_grad()  # built under no_grad: otherwise every scale keeps an fp32 copy of its weight alive
@@ -621,64 +654,121 @@ if triton is not None:
             acc_up *= rstd
         _store_out(acc, acc_up, rows, cols, rmask, nmask, r_ptr, y_ptr, stride_r, stride_y, GLU, RES)
 
+    # INT4 layout (pack_int4), group G = 8W weights of one row in W int32 words, "strips":
+    #
+    #   weights of the group  q[0 .. W-1] | q[W .. 2W-1] | ... | q[7W .. 8W-1]
+    #   word j (j < W)        bits 0-3 = q[j], bits 4-7 = q[W + j], ..., bits 28-31 = q[7W + j]
+    #   packed (N, K/8)       row n: the W words of group 0, then of group 1, ...
+    #
+    # One (BLOCK_N, W) tile of words is loaded along K (16 bytes per thread); strip i,
+    # (words >> 4i) & 15, meets the contiguous run x[gG + iW : gG + (i+1)W], loaded once per program
+    # and reused by all BLOCK_N rows.
     @triton.jit
-    def _int4_group(acc, x_lo, x_hi, w_ptr, s_ptr, z_ptr, rows_w, nmask, g, K, NW,
-                    HALF: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
-        """acc += x @ W^T over one group of W rows `rows_w`: packed bytes (BN, G/2), scale and zero per row."""
-        j = tl.arange(0, HALF)
-        p = tl.load(w_ptr + rows_w[:, None] * (K // 2) + (g * HALF + j)[None, :],
-                    mask=nmask[:, None], other=0)                                        # (BN, G/2) bytes
-        q_lo = _u8_to_f32(p & 15, 0.0)                                                   # elements j
-        q_hi = _u8_to_f32(p >> 4, 0.0)                                                   # elements j + G/2
-        s = tl.load(s_ptr + g * NW + rows_w, mask=nmask, other=0.0).to(tl.float32)      # (BN,)
-        z = tl.load(z_ptr + g * NW + rows_w, mask=nmask, other=0.0).to(tl.float32)
+    def _int4_strip(words, i: tl.constexpr, z):
+        """Strip i of a (BN, W) tile of words as exact floats q - z (for the tensor cores), z (BN, 1).
+        The field OR-ed into the mantissa of 2^23 (bits 0x4B000000) reads as the float 2^23 + q."""
+        bits = ((words >> (4 * i)) & 15) | 0x4B000000
+        return bits.to(tl.float32, bitcast=True) - (8388608.0 + z)
+
+    @triton.jit
+    def _int4_strip_unit(words, i: tl.constexpr):
+        """Strip i as the floats f = 1 + q/16: the field moved to the top of the mantissa of 1.0
+        (bits 19-22 under 0x3F800000). Two integer instructions (a shift, one and-or) per weight and
+        no subtraction: the kernel multiplies f by x and removes the 1 per group, sum f x - sum x."""
+        if 4 * i <= 19:
+            bits = words << (19 - 4 * i)
+        else:
+            bits = words >> (4 * i - 19)
+        return ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _int4_mac(part, words, i: tl.constexpr, z, x, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
+        """One row: part (BN, W) += (1 + q/16) x, one FMA per weight, summed over W only after the
+        loop. A batch: part (BM, BN) += x . (q - z) on the tensor cores."""
         if BLOCK_M == 1:
-            d = tl.sum(q_lo * x_lo, axis=1) + tl.sum(q_hi * x_hi, axis=1)                # (BN,)
-            xs = tl.sum(x_lo, axis=1) + tl.sum(x_hi, axis=1)                             # (1,)
-            return acc + ((d - z * xs) * s)[None, :]
-        d = tl.dot(_mma_in(x_lo, DOT_F32), tl.trans(_mma_in(q_lo, DOT_F32))) \
-            + tl.dot(_mma_in(x_hi, DOT_F32), tl.trans(_mma_in(q_hi, DOT_F32)))              # (BM, BN)
-        xs = tl.sum(x_lo, axis=1) + tl.sum(x_hi, axis=1)                                 # (BM,)
-        return acc + (d - xs[:, None] * z[None, :]) * s[None, :]
+            part += _int4_strip_unit(words, i) * x                                       # x (1, W)
+        else:
+            w = _int4_strip(words, i, z)                                                 # (BN, W)
+            part += tl.dot(_mma_in(x, DOT_F32), tl.trans(_mma_in(w, DOT_F32)))           # x (BM, W)
+        return part
+
+    @triton.jit
+    def _rms_rstd(x_ptr, rows, rmask, stride_x, K, eps, BLOCK_M: tl.constexpr):
+        """1 / sqrt(mean(x^2) + eps) per row (BM,), in a short loop of its own before the GEMV."""
+        kk = tl.arange(0, 512)
+        ss = tl.zeros((BLOCK_M, 512), dtype=tl.float32)
+        for k0 in range(0, K, 512):
+            x = _load_act(x_ptr, rows, k0 + kk, rmask, stride_x, K)                       # (BM, 512)
+            ss += x * x
+        return tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
 
     @triton.jit
     def _int4_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, r_ptr, y_ptr, M, N, K, NW,
-                            stride_x, stride_r, stride_y, eps,
+                            stride_x, stride_w, stride_r, stride_y, eps,
                             GROUP: tl.constexpr, RMS: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
                             DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             GROUPS: tl.constexpr):
-        """W4A16: y = x @ W^T, W packed (NW, K/2), scales s and zeros z stored (K/G, NW).
+        """W4A16: y = x @ W^T with W packed (NW, K/8) int32 in strips, scales s and zeros z (K/G, NW).
 
-        Per group and row: sum_j q_j x_j in fp32, then (sum q x - z * sum x) * s, so dequantizing
-        costs one subtraction and one multiply per group and row instead of per weight. GROUPS
-        groups per loop iteration are unrolled, so their loads are in flight together.
+        y_n = sum_g s_ng * sum_{k in g} (q_nk - z_ng) x_k, the scale applied once per group and row.
+        One row: with f = 1 + q/16 and X_g = sum_{k in g} x_k, the inner sum is 16 sum f x - (16 + z) X_g,
+        so a weight costs a shift, an and-or and one FMA (fp32 throughout). One program owns BLOCK_N rows
+        and the whole K, so the fused epilogue (RMSNorm, SiLU*up, residual) stays in one kernel;
+        GROUPS groups (a divisor of K/G) per loop iteration are unrolled, so their loads are in
+        flight together. One row (BLOCK_M = 1): CUDA-core FMAs into a (BN, W) accumulator, one
+        cross-thread sum at the very end. A batch: tensor cores (tl.dot per strip; W = G/8 >= 16).
         RMS and GLU as in _linear_kernel (NW = 2N rows with GLU)."""
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask, nmask = rows < M, cols < N
-        HALF: tl.constexpr = GROUP // 2
-        j = tl.arange(0, HALF)
-        n_groups = K // GROUP
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for g0 in range(0, n_groups, GROUPS):
+        W: tl.constexpr = GROUP // 8
+        j = tl.arange(0, W)
+        if BLOCK_M == 1:
+            acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)     # per (row, word column), summed at the end
+            x_row = x_ptr + j[None, :]                         # row 0 always exists: no mask on x
+            xsum = tl.zeros((1, W), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros_like(acc)
+        for g0 in range(0, K // GROUP, GROUPS):
             for gi in tl.static_range(GROUPS):
                 g = g0 + gi
-                g_w = tl.minimum(g, n_groups - 1)  # past the last group x loads as 0: adds nothing
-                # x rounded to bf16 first: the tensor cores see that x, so sum(x) must too
-                x_lo = _load_act(x_ptr, rows, g * GROUP + j, rmask, stride_x, K).to(tl.bfloat16).to(tl.float32)
-                x_hi = _load_act(x_ptr, rows, g * GROUP + HALF + j, rmask, stride_x, K).to(tl.bfloat16).to(tl.float32)
-                acc = _int4_group(acc, x_lo, x_hi, w_ptr, s_ptr, z_ptr, cols, nmask, g_w, K, NW,
-                                  HALF, BLOCK_M, DOT_F32)
-                if GLU:
-                    acc_up = _int4_group(acc_up, x_lo, x_hi, w_ptr, s_ptr, z_ptr, cols + N, nmask, g_w, K,
-                                         NW, HALF, BLOCK_M, DOT_F32)
-                if RMS:
-                    ss += tl.sum(x_lo * x_lo, axis=1) + tl.sum(x_hi * x_hi, axis=1)
+                words = tl.load(w_ptr + cols[:, None] * stride_w + g * W + j[None, :],
+                                mask=nmask[:, None], other=0)                            # (BN, W) int32
+                s = tl.load(s_ptr + g * NW + cols, mask=nmask, other=0.0).to(tl.float32)   # (BN,)
+                z = tl.load(z_ptr + g * NW + cols, mask=nmask, other=0.0).to(tl.float32)
+                part = tl.zeros_like(acc)
+                if GLU:  # rows N + n: the up projection, same x
+                    words_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + g * W + j[None, :],
+                                       mask=nmask[:, None], other=0)
+                    s_up = tl.load(s_ptr + g * NW + N + cols, mask=nmask, other=0.0).to(tl.float32)
+                    z_up = tl.load(z_ptr + g * NW + N + cols, mask=nmask, other=0.0).to(tl.float32)
+                    part_up = tl.zeros_like(acc)
+                if BLOCK_M == 1:
+                    xsum = tl.zeros((1, W), dtype=tl.float32)  # X_g per word column
+                for i in tl.static_range(8):
+                    if BLOCK_M == 1:
+                        x = tl.load(x_row + g * GROUP + i * W).to(tl.float32)                   # (1, W)
+                        xsum += x
+                    else:
+                        x = _load_act(x_ptr, rows, g * GROUP + i * W + j, rmask, stride_x, K)  # (BM, W)
+                    part = _int4_mac(part, words, i, z[:, None], x, BLOCK_M, DOT_F32)
+                    if GLU:
+                        part_up = _int4_mac(part_up, words_up, i, z_up[:, None], x, BLOCK_M, DOT_F32)
+                if BLOCK_M == 1:  # s (16 sum f x - (16 + z) X_g), once per group and (row, word column)
+                    acc += (16.0 * s)[:, None] * part - (s * (16.0 + z))[:, None] * xsum
+                    if GLU:
+                        acc_up += (16.0 * s_up)[:, None] * part_up - (s_up * (16.0 + z_up))[:, None] * xsum
+                else:
+                    acc += part * s[None, :]
+                    if GLU:
+                        acc_up += part_up * s_up[None, :]
+        if BLOCK_M == 1:
+            acc = tl.sum(acc, axis=1)[None, :]                                           # (1, BN)
+            acc_up = tl.sum(acc_up, axis=1)[None, :]
         if RMS:
-            rstd = tl.rsqrt(ss / K + eps)[:, None]
+            rstd = _rms_rstd(x_ptr, rows, rmask, stride_x, K, eps, BLOCK_M)[:, None]
             acc *= rstd
             acc_up *= rstd
         _store_out(acc, acc_up, rows, cols, rmask, nmask, r_ptr, y_ptr, stride_r, stride_y, GLU, RES)
@@ -744,22 +834,24 @@ if triton is not None:
 
 # Launch configurations (BLOCK_N, BLOCK_K, num_warps, num_stages); for INT4 the second number is the
 # groups unrolled per loop iteration. `--tune` times the candidates on the real shapes and keeps the
-# fastest; without it the defaults below are used. Small BLOCK_N = many programs = more loads in flight.
+# fastest; without it the defaults below are used. Small BLOCK_N = many programs = more loads in flight;
+# for INT4 at batch 1, the bytes in flight per SM grow with the groups unrolled (16 bytes per thread
+# each), and BLOCK_N = 32 x num_warps / 4 x r gives each thread r rows that share its registers of x.
 GEMV_CANDIDATES = {
     "bf16": [(2, 2048, 4, 2), (4, 1024, 4, 3), (4, 2048, 8, 2), (8, 512, 4, 3), (8, 1024, 4, 3),
              (8, 1024, 8, 3), (16, 512, 4, 3), (16, 1024, 8, 3)],
     "int8": [(2, 4096, 8, 2), (4, 2048, 4, 3), (4, 4096, 8, 2), (8, 1024, 4, 3), (8, 2048, 8, 3),
              (16, 1024, 4, 3), (16, 2048, 8, 3)],
-    "int4": [(8, 4, 4, 3), (16, 2, 4, 3), (16, 4, 4, 3), (16, 8, 8, 2), (32, 2, 4, 3), (32, 4, 8, 3),
-             (64, 1, 4, 4), (64, 2, 8, 3)],
+    "int4": [(16, 8, 2, 1), (16, 16, 1, 1), (32, 8, 1, 1), (32, 16, 2, 1), (64, 8, 2, 1), (64, 8, 4, 1),
+             (128, 4, 4, 1), (128, 8, 8, 1)],
 }
 GEMM_CANDIDATES = [(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3)]
 GEMM_INT4_CANDIDATES = [(32, 1, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (128, 1, 8, 3)]
-DEFAULT_GEMV = {"bf16": (8, 512, 4, 3), "int8": (8, 1024, 4, 3), "int4": (16, 4, 4, 3)}
+DEFAULT_GEMV = {"bf16": (8, 512, 4, 3), "int8": (8, 1024, 4, 3), "int4": (64, 8, 4, 1)}
 
 
 def weight_format(lin: nn.Module) -> str:
-    return {Int8Linear: "int8", Int4Linear: "int4"}.get(type(lin), "bf16")
+    return {Int8Linear: "int8", Int4Linear: "int4", Int4TinyGemmLinear: "int4_tinygemm"}.get(type(lin), "bf16")
 
 
 def _launch_config(lin: nn.Module, M: int) -> tuple[int, int, int, int, int]:
@@ -774,9 +866,12 @@ def _launch_config(lin: nn.Module, M: int) -> tuple[int, int, int, int, int]:
 
 
 def make_linear(w: torch.Tensor, fmt: str, group: int = 128) -> nn.Module:
-    """A bias-free linear layer holding `w` (N, K) as bf16 (nn.Linear), Int8Linear or Int4Linear."""
+    """A bias-free linear layer holding `w` (N, K) as bf16 (nn.Linear), Int8Linear, Int4Linear or
+    Int4TinyGemmLinear (fmt "int4_tinygemm", CUDA only)."""
     if fmt == "int8":
         return Int8Linear(w)
+    if fmt == "int4_tinygemm":
+        return Int4TinyGemmLinear(w, group)
     if fmt == "int4":
         return Int4Linear(w, group)
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
@@ -803,7 +898,8 @@ def reference_linear(x: torch.Tensor, lin: nn.Module, rms: bool = False, glu: bo
 def fused_linear(x: torch.Tensor, lin: nn.Module, out: torch.Tensor | None = None, rms: bool = False,
                  glu: bool = False, residual: torch.Tensor | None = None, eps: float = 0.0,
                  config: tuple[int, ...] | None = None) -> torch.Tensor:
-    """y = x @ W^T through the Triton kernels, for nn.Linear (bf16), Int8Linear or Int4Linear.
+    """y = x @ W^T through the Triton kernels, for nn.Linear (bf16), Int8Linear or Int4Linear
+    (Int4TinyGemmLinear: PyTorch's stock kernel, the same epilogue in plain PyTorch ops).
 
     rms: x is RMS-normalized on the fly (norm weight already folded into W); glu: W is [gate; up]
     and y = silu(x W_gate^T) * (x W_up^T); residual: y += residual. x: (..., K), out: (..., N)."""
@@ -815,14 +911,22 @@ def fused_linear(x: torch.Tensor, lin: nn.Module, out: torch.Tensor | None = Non
         out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     y2 = out.view(-1, N)
     r2 = residual.view(-1, N) if residual is not None else y2
+    if isinstance(lin, Int4TinyGemmLinear):  # the baseline: stock GEMM, then the epilogue as small ops
+        if rms:
+            x2 = (x2.float() * torch.rsqrt(x2.float().pow(2).mean(-1, keepdim=True) + eps)).to(x2.dtype)
+        y = lin(x2).float()                                                      # (M, NW)
+        if glu:
+            y = F.silu(y[:, :N]) * y[:, N:]
+        y2.copy_(y + r2.float() if residual is not None else y)
+        return out
     BM, BN, BK, warps, stages = config or _launch_config(lin, M)
     grid = (triton.cdiv(N, BN), triton.cdiv(M, BM))
     common = dict(RMS=rms, GLU=glu, RES=residual is not None, DOT_F32=_DOT_F32, BLOCK_M=BM, BLOCK_N=BN,
                   num_warps=warps, num_stages=stages)
     if isinstance(lin, Int4Linear):
         _int4_linear_kernel[grid](x2, lin.packed, lin.scale, lin.zero, r2, y2, M, N, K, NW,
-                                  x2.stride(0), r2.stride(0), y2.stride(0), eps, GROUP=lin.group,
-                                  GROUPS=BK, **common)
+                                  x2.stride(0), lin.packed.stride(0), r2.stride(0), y2.stride(0), eps,
+                                  GROUP=lin.group, GROUPS=math.gcd(BK, K // lin.group), **common)
     else:
         w = lin.weight
         s = lin.scale if isinstance(lin, Int8Linear) else w
@@ -837,7 +941,8 @@ def tune_linear(lin: nn.Module, M: int, rms: bool = False, glu: bool = False) ->
     Returns the choice with its time and the weight bandwidth it reached."""
     block_m = 1 if M == 1 else (16 if M <= 16 else 32)
     fmt = weight_format(lin)
-    cands = GEMV_CANDIDATES[fmt] if block_m == 1 else GEMM_INT4_CANDIDATES if fmt == "int4" else GEMM_CANDIDATES
+    cands = [()] if fmt == "int4_tinygemm" else GEMV_CANDIDATES[fmt] if block_m == 1 \
+        else GEMM_INT4_CANDIDATES if fmt == "int4" else GEMM_CANDIDATES  # tinygemm: nothing to tune, timed
     x = torch.randn(M, lin.in_features, device="cuda", dtype=torch.bfloat16)
     best, best_ms, tried = None, float("inf"), {}
     for cand in cands:
@@ -1277,7 +1382,7 @@ def markdown_table(result: dict) -> str:
         for r in pre:
             lines.append(f"| {r['model_variant']} | {r['batch_size']} | {r['prompt_len']} | "
                          f"{r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {r['roofline_fraction']:.2f} |")
-    gemv = [r for r in decode if r["variant"].startswith("fused") and r["batch_size"] == 1 and r.get("launch_configs")]
+    gemv = [r for r in decode if "source" not in r and r["batch_size"] == 1 and r.get("launch_configs")]
     if gemv:  # each weight shape timed alone (cold L2, do_bench median) while tuning, batch 1
         lines += ["", "| GEMV, batch 1 (tuning, each kernel alone) | " + " | ".join(r["variant"] for r in gemv) + " |",
                   "| --- |" + " ---: |" * len(gemv)]
@@ -1330,8 +1435,8 @@ def bar_chart(result: dict, path: Path) -> None:
 # Command line
 # ----------------------------------------------------------------------------------------------
 ALL_VARIANTS = ["hf_generate", "eager", "eager_int8", "eager_int4", "compiled",
-                "fused_bf16", "fused_int8", "fused_int4"]
-CUDA_VARIANTS = {"compiled", "fused_bf16", "fused_int8", "fused_int4"}
+                "fused_bf16", "fused_int8", "fused_int4", "int4_tinygemm"]
+CUDA_VARIANTS = {"compiled", "fused_bf16", "fused_int8", "fused_int4", "int4_tinygemm"}
 ALIASES = {"bf16": "fused_bf16", "int8": "fused_int8", "int4": "fused_int4"}
 
 
@@ -1351,7 +1456,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 keeps torch's choice")
     m = p.add_argument_group("Method")
     m.add_argument("--variants", default="auto",
-                   help="comma list of " + ", ".join(ALL_VARIANTS) + " (aliases bf16, int8, int4 = fused_*); "
+                   help="comma list of " + ", ".join(ALL_VARIANTS) + " (aliases bf16, int8, int4 = fused_*; "
+                        "int4_tinygemm: the fused decoder with PyTorch's stock int4 kernel); "
                         "auto: all on CUDA except eager_int8/int4, hf_generate + eager + eager_int8 + eager_int4 on CPU")
     m.add_argument("--group-size", type=int, default=128, help="INT4 group size along the input dimension")
     m.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=True,
@@ -1402,12 +1508,12 @@ def check_inputs(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, l
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     variants = parse_variants(args.variants, device)
     for v in variants:
-        if v.startswith("fused") and triton is None:
+        if v in CUDA_VARIANTS - {"compiled"} and triton is None:
             raise UserError(f"variant {v} needs the triton package: pip install triton")
         if v in CUDA_VARIANTS and device.type != "cuda":
             raise UserError(f"variant {v} needs a CUDA GPU (torch.compile's CUDA graphs / Triton kernels); "
                             "on the CPU use hf_generate, eager, eager_int8, eager_int4")
-        if v.startswith("fused") and dtype != torch.bfloat16:
+        if v in CUDA_VARIANTS - {"compiled"} and dtype != torch.bfloat16:
             raise UserError(f"variant {v} runs in bfloat16; pass --dtype bfloat16")
     try:
         batches = [int(x) for x in args.batch_sizes.split(",")]
@@ -1415,6 +1521,11 @@ def check_inputs(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, l
         raise UserError(f"--batch-sizes {args.batch_sizes!r} is not a comma list of integers") from None
     if any(b < 1 for b in batches) or args.prompt_len < 1 or args.new_tokens < 8 or args.slow_new_tokens < 2:
         raise UserError("batch sizes and --prompt-len must be >= 1, --new-tokens >= 8, --slow-new-tokens >= 2")
+    G = args.group_size
+    if any(v.endswith("int4") or v == "int4_tinygemm" for v in variants) and (G < 8 or G & (G - 1)):
+        raise UserError(f"--group-size {G} is not a power of two >= 8 (the INT4 packing puts 8 weights in a word)")
+    if "fused_int4" in variants and max(batches) > 1 and G < 128:
+        raise UserError(f"fused_int4 with batch > 1 needs --group-size >= 128 (tensor-core strips of G/8 >= 16)")
     if not args.random_weights:
         folder = Path(args.model)
         if folder.is_dir():
@@ -1479,7 +1590,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     """`bf16`, `int8`, `int4`: the fastest compiled variant of each precision at each batch size."""
     out = []
     for prec, names in (("bf16", ("compiled", "fused_bf16")), ("int8", ("fused_int8",)),
-                        ("int4", ("fused_int4",))):
+                        ("int4", ("fused_int4", "int4_tinygemm"))):
         for B in sorted({r["batch_size"] for r in runs}):
             cands = [r for r in runs if r["variant"] in names and r["batch_size"] == B]
             if cands:
@@ -1525,7 +1636,7 @@ def main(args: argparse.Namespace) -> dict:
         model = model_from_hf(hf)
         model_name = args.model
     margs = model.args
-    if any(v.endswith("int4") for v in variants):
+    if any(v.endswith("int4") or v == "int4_tinygemm" for v in variants):
         for width in (margs.dim, margs.ffn_dim, margs.n_heads * margs.head_dim):
             if width % args.group_size:
                 raise UserError(f"--group-size {args.group_size} does not divide {width}; "
@@ -1607,8 +1718,8 @@ def main(args: argparse.Namespace) -> dict:
 
     for variant in variants:
         fused = None
-        if variant.startswith("fused"):
-            fused = FusedDecoder(model, variant.split("_")[1], args.group_size, args.quantize_lm_head)
+        if variant.startswith("fused") or variant == "int4_tinygemm":
+            fused = FusedDecoder(model, variant.removeprefix("fused_"), args.group_size, args.quantize_lm_head)
         compiled_step = None
         if variant == "compiled":
             compiled_step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)

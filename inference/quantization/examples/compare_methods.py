@@ -2,8 +2,9 @@
 
 Rows, all with group size 64 (SmolLM2's hidden size 576 is not a multiple of 128):
 FP; round-to-nearest (RTN) at 8 bits, and at 4 and 3 bits both symmetric and asymmetric;
-GPTQ (symmetric, act-order) and AWQ (asymmetric) at 4 and 3 bits from scratch, and at 4 bits with
-llm-compressor (its compressed-tensors presets are W4A16 and W8A16). Every row is evaluated on the
+GPTQ (act-order; symmetric as compressed-tensors' W4A16, and asymmetric as the GPTQ paper) and AWQ
+(asymmetric) at 4 and 3 bits from scratch, and at 4 bits with llm-compressor (its compressed-tensors
+presets are W4A16 and W8A16). Compare each method with the RTN row of the same grid (sym or asym). Every row is evaluated on the
 same evaluation tokens against the same FP model: perplexity with its standard error, mean KL
 divergence of the next-token distributions, top-1 agreement, and the real storage size (packed
 b-bit codes + 16-bit scales, + zero points when asymmetric, + the 16-bit unquantized tensors).
@@ -69,7 +70,8 @@ def quality_specs(group_size: int, library: bool) -> list[Spec]:
     specs = [Spec("fp", "reference", 16, -1, True), Spec("rtn", "scratch", 8, g, True)]
     for bits in (4, 3):
         specs += [Spec("rtn", "scratch", bits, g, True), Spec("rtn", "scratch", bits, g, False),
-                  Spec("gptq", "scratch", bits, g, True, True), Spec("awq", "scratch", bits, g, False)]
+                  Spec("gptq", "scratch", bits, g, True, True), Spec("gptq", "scratch", bits, g, False, True),
+                  Spec("awq", "scratch", bits, g, False)]
         if library and bits in gptq.LIBRARY_BITS:
             specs += [Spec("gptq", "llmcompressor", bits, g, True, True), Spec("awq", "llmcompressor", bits, g, False)]
     return specs

@@ -40,12 +40,19 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 BLOCK = 32  # weights per block in Q8_0 and Q4_0 (llama.cpp's QK8_0 and QK4_0)
 BITS_TO_QTYPE = {16: "F16", 8: "Q8_0", 4: "Q4_0"}
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input the reader can fix: one line on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -268,18 +275,21 @@ def check_round_trip(path: Path, tensors: list[tuple[str, np.ndarray]], expected
 
 
 # --8<-- [start:llama_cpp]
-def run_llama_cpp(path: Path, prompt: str, max_new_tokens: int, threads: int, seed: int) -> dict:
-    """Greedy generation with llama.cpp's Python bindings; tokens/s after one warm-up call."""
+def run_llama_cpp(path: Path, prompt: str, max_new_tokens: int, threads: int, seed: int, repeats: int) -> dict:
+    """Greedy generation with llama.cpp's Python bindings: median tokens/s of `repeats` timed runs,
+    after one warm-up call (first-call allocations; the prompt is then cached, so the timed runs
+    measure decoding)."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, seed=seed, verbose=False)
-    llm(prompt, max_tokens=4, temperature=0.0)  # warm-up: first-call allocations, prompt cached
-    start = time.perf_counter()
-    out = llm(prompt, max_tokens=max_new_tokens, temperature=0.0)
-    seconds = time.perf_counter() - start
-    n = out["usage"]["completion_tokens"]
-    return {"text": out["choices"][0]["text"], "new_tokens": n, "seconds": seconds, "tokens_per_s": n / seconds,
-            "threads": threads}
+    llm(prompt, max_tokens=4, temperature=0.0)  # warm-up
+    speeds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = llm(prompt, max_tokens=max_new_tokens, temperature=0.0)
+        speeds.append(out["usage"]["completion_tokens"] / (time.perf_counter() - start))
+    return {"text": out["choices"][0]["text"], "new_tokens": out["usage"]["completion_tokens"],
+            "tokens_per_s": sorted(speeds)[len(speeds) // 2], "tokens_per_s_runs": speeds, "threads": threads}
 # --8<-- [end:llama_cpp]
 
 
@@ -294,7 +304,7 @@ def evaluation_ids(tokenizer, data: str, n_tokens: int) -> torch.Tensor:
         try:
             from datasets import load_dataset
         except ImportError:
-            sys.exit("error: --data wikitext2 needs the `datasets` package (pip install datasets); or use --data pydoc")
+            fail("--data wikitext2 needs the `datasets` package (pip install datasets); or use --data pydoc")
         text = "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     return ids[:n_tokens]
@@ -362,7 +372,8 @@ def markdown(result: dict) -> str:
         f"`{Path(result['model']).name}` written as GGUF with gguf {result['versions']['gguf']}; "
         + (f"quality on {q} evaluation tokens (context {result['context']}) against the FP32 model, "
            "GGUF loaded back through transformers; " if q else "")
-        + ("llama.cpp tokens/s: greedy generation, " + f"{result['threads']} threads."
+        + (f"llama.cpp tokens/s: median of {result['repeats']} greedy generations of {result['max_new_tokens']} tokens, "
+           f"{result['threads']} thread(s)."
            if result["llama_cpp"] == "ran" else f"llama.cpp: {result['llama_cpp']}."),
         "",
         "| file | size (MB) | bits/weight | linear-weight error | perplexity | KL | top-1 | transformers load (MB) | llama.cpp tokens/s |",
@@ -385,7 +396,7 @@ def markdown(result: dict) -> str:
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -417,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run each file with llama.cpp's Python bindings when they are installed")
     bench.add_argument("--prompt", default="The capital of France is", help="prompt for the greedy llama.cpp run")
     bench.add_argument("--max-new-tokens", type=int, default=64, help="tokens llama.cpp generates (greedy)")
-    bench.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp CPU threads")
+    bench.add_argument("--threads", type=int, default=os.cpu_count(),
+                       help="llama.cpp CPU threads (on a busy shared machine 1 thread is steadier: threads wait for each other)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed generations per file; the median is reported")
     out = parser.add_argument_group("Output")
     out.add_argument("--seed", type=int, default=0, help="random seed (llama.cpp sampler; greedy decoding ignores it)")
     out.add_argument("--json", type=Path, default=None, help="write results here, plus a Markdown table (.md) beside it")
@@ -432,6 +445,8 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                      "(llama.cpp's llama-quantize tool makes Q5_0, Q4_K and the other types)")
     if args.group_size != BLOCK:
         parser.error(f"--group-size {args.group_size}: Q8_0 and Q4_0 use fixed blocks of {BLOCK} weights")
+    if args.repeats < 1 or args.threads < 1 or args.max_new_tokens < 1:
+        parser.error("--repeats, --threads and --max-new-tokens must be at least 1")
     if args.eval_tokens < 2 or args.context < 2:
         parser.error("--eval-tokens and --context must be at least 2")
 
@@ -444,15 +459,19 @@ def load_model(name: str):
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        sys.exit(f"error: cannot load model {name!r} ({first}); pass a hub id or a local transformers folder")
+        fail(f"cannot load model {name!r} ({first}); pass a hub id or a local transformers folder")
     if model.config.model_type != "llama":
-        sys.exit(f"error: this script writes the `llama` GGUF architecture; {name!r} is {model.config.model_type!r}")
+        fail(f"this script writes the `llama` GGUF architecture; {name!r} is {model.config.model_type!r}")
     return model, tokenizer
 
 
 def main(args: argparse.Namespace) -> dict:
     validate(build_parser(), args)
     torch.manual_seed(args.seed)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own bars (loading, GGUF conversion)
     device = pick_device(args.device)
     model, tokenizer = load_model(args.model)
     import gguf
@@ -481,7 +500,7 @@ def main(args: argparse.Namespace) -> dict:
                "file_mb": size / 1e6, "size_mb": size / 1e6, "bits_per_weight": 8 * size / n_params,
                **check_round_trip(path, tensors, expected)}
         if args.llama_cpp and have_llama_cpp:
-            row["llama_cpp"] = run_llama_cpp(path, args.prompt, args.max_new_tokens, args.threads, args.seed)
+            row["llama_cpp"] = run_llama_cpp(path, args.prompt, args.max_new_tokens, args.threads, args.seed, args.repeats)
         rows.append(row)
         paths[qtype] = path
         print(f"{path.name}: {row['file_mb']:.1f} MB, {row['bits_per_weight']:.2f} bits/weight, "
@@ -498,6 +517,7 @@ def main(args: argparse.Namespace) -> dict:
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "model": args.model, "n_params": n_params, "device": str(device), "dtype": args.dtype,
         "threads": args.threads, "context": args.context, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
         "llama_cpp": "ran" if args.llama_cpp and have_llama_cpp else
                      ("not installed (pip install llama-cpp-python==0.3.36)" if args.llama_cpp else "not asked for (--no-llama-cpp)"),
         "rows": rows,

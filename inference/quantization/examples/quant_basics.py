@@ -36,11 +36,17 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 
 SCHEMES = ("absmax", "zeropoint", "minscale")
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input the reader can fix: one line on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 # --8<-- [start:groups]
@@ -298,7 +304,7 @@ def cpu_name() -> str:
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -311,7 +317,7 @@ def load_model(name: str, dtype: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).eval()
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        sys.exit(f"error: cannot load model {name!r} ({first}); pass a hub id or a local transformers folder")
+        fail(f"cannot load model {name!r} ({first}); pass a hub id or a local transformers folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,15 +348,19 @@ def main(args: argparse.Namespace) -> dict:
     if any(g < 0 for g in args.group_size):
         parser.error("--group-size must be 0 (per channel) or a positive group size")
     torch.manual_seed(args.seed)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own loading bar
     device = pick_device(args.device)
     model = load_model(args.model, args.dtype)
     weights = linear_weights(model, args.max_layers)
     if not weights:
-        sys.exit(f"error: no linear layers inside decoder blocks found in {args.model!r}")
+        fail(f"no linear layers inside decoder blocks found in {args.model!r}")
     widths = sorted({W.shape[1] for W in weights.values()})
     bad = [g for g in args.group_size if g and any(c % g for c in widths)]
     if bad:
-        sys.exit(f"error: group size {bad[0]} does not divide the input widths {widths}; try 32, 64 or 0 (per channel)")
+        fail(f"group size {bad[0]} does not divide the input widths {widths}; try 32, 64 or 0 (per channel)")
 
     from tqdm import tqdm
 
