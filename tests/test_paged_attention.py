@@ -22,6 +22,8 @@ import torch
 from conftest import ACCEL_EXAMPLES, assert_results_header, run_script, run_script_json
 
 SCRIPT = ACCEL_EXAMPLES / "paged_attention.py"
+# One OpenMP thread: on a busy 2-core machine two spinning threads took 5x the CPU time for the same run.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +128,7 @@ def test_end_to_end_on_small_model(smollm2: Path, tmp_path: Path) -> None:
         SCRIPT, out, "--model", smollm2, "--check-prompts", "4", "--check-new-tokens", "16",
         "--num-requests", "6", "--prompt-len", "4", "24", "--output-len", "4", "24", "--hf-batch-size", "3",
         "--hf-single", "2", "--max-model-len", "256", "--kv-cache-gib", "0.05", "--max-num-seqs", "4", "--quiet",
+        env=ONE_THREAD,
     )
     assert_results_header(result)
     c = result["checks"]
@@ -157,7 +160,7 @@ def test_random_weights_path(tmp_path: Path) -> None:
     result = run_script_json(
         SCRIPT, tmp_path / "r.json", "--random-weights", "tiny", "--device", "cpu", "--check-prompts", "3",
         "--check-new-tokens", "8", "--num-requests", "5", "--prompt-len", "3", "30", "--output-len", "2", "20",
-        "--hf-batch-size", "2", "--hf-single", "1", "--max-model-len", "64", "--quiet",
+        "--hf-batch-size", "2", "--hf-single", "1", "--max-model-len", "64", "--quiet", env=ONE_THREAD,
     )
     assert result["checks"]["paged_equals_contiguous"] and result["checks"]["preemption"]["tokens_identical"]
     assert result["bench"]["throughput"]["paged engine, static batching"]["tokens_per_s"] > 0

@@ -35,6 +35,7 @@ def test_end_to_end_on_small_model(smollm2: Path, tmp_path: Path, ve) -> None:
         SCRIPT, out, "--model", smollm2, "--device", "cpu", "--num-prompts", "8", "--max-tokens", "16",
         "--loop-prompts", "4", "--kv-cache-gib", "2", "--compare-requests", "3", "--prompt-len", "4", "12",
         "--output-len", "4", "8", "--hf-batch-size", "3", "--quiet", timeout=900,
+        env={"OMP_NUM_THREADS": "1"},   # the transformers baselines; vLLM binds its own worker threads
     )
     assert_results_header(result)
     assert result["versions"]["vllm"]

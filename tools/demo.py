@@ -33,6 +33,16 @@ DEMO_RUNS: dict[str, list[str]] = {
         "--slow-new-tokens", "4", "--group-size", "64", "--ppl-tokens", "128", "--ppl-context", "64",
         "--quiet", "--json", "{out}/fast_decode-cpu.json",
     ],
+    f"{ACCEL}/paged_attention.py": [
+        "--model", "{model}", "--check-prompts", "3", "--check-new-tokens", "12", "--num-requests", "12",
+        "--prompt-len", "8", "48", "--output-len", "8", "32", "--max-num-seqs", "6", "--hf-batch-size", "6",
+        "--hf-single", "2", "--kv-cache-gib", "0.05", "--max-model-len", "256", "--quiet",
+        "--json", "{out}/paged_attention-cpu.json",
+    ],
+    f"{ACCEL}/vllm_example.py": [
+        "--model", "{model}", "--num-prompts", "8", "--max-tokens", "16", "--loop-prompts", "4", "--quiet",
+        "--json", "{out}/vllm_example-cpu.json",
+    ],
     f"{ACCEL}/tensor_parallel.py": ["--model", "{model}", "--new-tokens", "16", "--json", "{out}/tensor_parallel-cpu.json"],
 }
 

@@ -86,15 +86,19 @@ def batching_rows() -> tuple[list[Row], list[Row]]:
 
 def vllm_rows() -> tuple[list[Row], list[Row]]:
     path = ACCEL / "vllm_example-cpu.json"
-    data = load(path)
-    table = {row["method"]: row for row in data["comparison"]["rows"]}
-    vllm = table["vllm"]["tokens_per_s"]
-    padded, single = table["transformers_padded"]["tokens_per_s"], table["transformers_one_at_a_time"]["tokens_per_s"]
-    n = data["comparison"]["num_requests"]
+    compare = load(path)["compare"]
+    rows = compare["rows"]
+
+    def tokens_per_s(prefix: str) -> float:
+        return next(row["tokens_per_s"] for name, row in rows.items() if name.startswith(prefix))
+
+    vllm = tokens_per_s("vLLM")
+    padded, single = tokens_per_s("transformers generate, padded"), tokens_per_s("transformers generate, one request")
+    n = compare["workload"].split(" requests")[0]
     zh = [("vLLM", f"对 transformers 填充批处理 {vllm / padded:.1f} 倍；对逐条请求 {vllm / single:.1f} 倍",
-           f"CPU（vLLM CPU 版），SmolLM2-135M，{n} 个长度混合的请求", source(path))]
+           f"CPU（vLLM CPU 版），SmolLM2-135M fp32，{n} 个长度混合的请求", source(path))]
     en = [("vLLM", f"{vllm / padded:.1f}× transformers' padded batches; {vllm / single:.1f}× one request at a time",
-           f"CPU (vLLM's CPU build), SmolLM2-135M, {n} requests of mixed lengths", source(path))]
+           f"CPU (vLLM's CPU build), SmolLM2-135M fp32, {n} requests of mixed lengths", source(path))]
     return zh, en
 
 

@@ -10,7 +10,8 @@ What it shows
      to F16, Q8_0 or Q4_0.
   3. The round trip: `GGUFReader` reads the file back, `gguf.quants.dequantize` decodes it, and the
      result equals the in-memory quantize-then-dequantize exactly; our torch block code equals
-     the library's bit for bit; the error against the FP32 weights; file size and bits per weight.
+     the library's bit for bit (checked on the first decoder layer); the error against the FP32
+     weights; file size and bits per weight.
   4. Quality: perplexity, mean KL divergence and top-1 agreement against the FP32 model on the same
      evaluation tokens, with the GGUF weights loaded back through transformers (`gguf_file=`).
      transformers dequantizes GGUF on load, so that model takes full FP32 memory: it is a way to
@@ -22,11 +23,12 @@ What it shows
 Run
   python inference/quantization/examples/gguf_example.py                # downloads the hub model
   python inference/quantization/examples/gguf_example.py --model .cache/models/SmolLM2-135M-Instruct \\
-      --json inference/quantization/results/gguf_example-cpu.json
+      --threads 1 --eval-tokens 4096 --json inference/quantization/results/gguf_example-cpu.json
 
 The GGUF files go to `--out-dir` (default `.cache/gguf`). On SmolLM2-135M it writes F16, Q8_0 and
-Q4_0 files of about 271, 145 and 86 MB (16.1, 8.6 and 5.1 bits per weight, the Q8_0 embedding
-included), and prints their perplexity, KL and top-1 agreement, and llama.cpp's tokens/s.
+Q4_0 files of 271, 145 and 92 MB (16.1, 8.6 and 5.5 bits per weight: the Q4_0 file keeps its
+embedding in Q8_0), and prints their perplexity, KL and top-1 agreement against FP32 (Q8_0: +0.3 %
+perplexity; Q4_0: +24 %, on top of weights that already went through Q4_1) and llama.cpp's tokens/s.
 """
 
 from __future__ import annotations
@@ -252,8 +254,9 @@ def read_gguf(path: Path) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def check_round_trip(path: Path, tensors: list[tuple[str, np.ndarray]], expected: dict[str, np.ndarray]) -> dict:
-    """File vs memory (must be exact), our torch blocks vs gguf-py (must be exact; None when no tensor
-    of the file is Q8_0 or Q4_0), and the relative error of the decoder's linear weights vs FP32."""
+    """File vs memory (must be exact, every tensor), our torch blocks vs gguf-py (must be exact; checked
+    on the first decoder layer, None when it has no Q8_0 or Q4_0 tensor), and the relative error of
+    the decoder's linear weights vs FP32."""
     decoded = read_gguf(path)
     source = dict(tensors)
     if set(decoded) != set(source):
@@ -263,7 +266,7 @@ def check_round_trip(path: Path, tensors: list[tuple[str, np.ndarray]], expected
     for name, W in source.items():
         ggml_type, W_hat = decoded[name]
         types[ggml_type] = types.get(ggml_type, 0) + 1
-        if ggml_type in SCRATCH:
+        if ggml_type in SCRATCH and name.startswith("blk.0."):  # one layer is enough to show it, and quick
             quantize, dequantize = SCRATCH[ggml_type]
             ours = dequantize(*quantize(torch.from_numpy(W))).numpy()
             scratch_vs_gguf = max(scratch_vs_gguf or 0.0, float(np.abs(ours - W_hat).max()))
