@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -153,7 +154,9 @@ class _Links(HTMLParser):
                 self.targets.append(values[key])
 
 
+@functools.lru_cache(maxsize=None)
 def parse_html(path: Path) -> _Links:
+    """Parsed once per file: every heading's permalink points back into its own page."""
     parser = _Links()
     parser.feed(path.read_text(encoding="utf-8"))
     return parser
@@ -161,8 +164,8 @@ def parse_html(path: Path) -> _Links:
 
 def resolve_in_site(site: Path, page: Path, target: str) -> tuple[Path, str]:
     parts = urlsplit(target)
-    base = page.parent
-    path = (base / unquote(parts.path)).resolve() if parts.path else page
+    base = site if parts.path.startswith("/") else page.parent  # the language switch links to "/" and "/en/"
+    path = (base / unquote(parts.path).lstrip("/")).resolve() if parts.path else page
     if path.is_dir():
         path = path / "index.html"
     return path, parts.fragment

@@ -20,6 +20,14 @@ QUANT = "inference/quantization/examples"
 ACCEL = "inference/inference-acceleration/examples"
 
 DEMO_RUNS: dict[str, list[str]] = {
+    f"{QUANT}/quant_basics.py": [
+        "--model", "{model}", "--max-layers", "1", "--bits", "4", "8", "--group-size", "0", "64", "32",
+        "--json", "{out}/quant_basics-cpu.json", "--quiet",
+    ],
+    f"{QUANT}/gguf_example.py": [
+        "--model", "{model}", "--bits", "4", "--no-perplexity", "--out-dir", "{out}/gguf", "--threads", "1",
+        "--max-new-tokens", "16", "--repeats", "1", "--json", "{out}/gguf_example-cpu.json", "--quiet",
+    ],
     f"{ACCEL}/kv_cache_optimization.py": [
         "--model", "{model}", "--max-new-tokens", "16", "--lengths", "32,128", "--repeats", "1",
         "--threads", "1", "--quiet", "--json", "{out}/kv_cache_optimization-cpu.json",

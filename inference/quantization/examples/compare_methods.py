@@ -215,7 +215,7 @@ def sweep_markdown(result: dict[str, Any]) -> str:
               "KL vs FP", "top-1 agreement", "note"]
     body = []
     for r in result["rows"]:
-        note = ("aligned with the Q4_1 blocks (32) this model's weights came through: optimistic"
+        note = ("groups = the Q4_1 blocks of 32 this model's weights came through (caveat in the guide)"
                 if r["group_size"] == 32 else "")
         body.append(["per channel" if r["group_size"] == -1 else str(r["group_size"]),
                      "on" if r["act_order"] else "off", f"{r['bits_per_weight']:.3f}", f"{r['size_mb']:.1f}",
@@ -237,7 +237,7 @@ def plot_quality(result: dict[str, Any], path: Path) -> None:
     ax.axhline(rows[0]["perplexity"], color="black", linestyle="--", label="FP")
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in rows[1:]:
-        label = f"{r['method'].upper()} {r['impl']}" + ("" if r["method"] != "rtn" else (" sym" if r["sym"] else " asym"))
+        label = f"{r['method'].upper()} {r['impl']} {'sym' if r['sym'] else 'asym'}"
         series.setdefault(label, []).append((r["bits"], r["perplexity"], r["ppl_stderr"]))
     for label, points in series.items():
         points.sort()
