@@ -20,6 +20,20 @@ QUANT = "inference/quantization/examples"
 ACCEL = "inference/inference-acceleration/examples"
 
 DEMO_RUNS: dict[str, list[str]] = {
+    f"{QUANT}/gptq_example.py": [
+        "--model", "{model}", "--method", "scratch", "--calib-samples", "4", "--calib-seqlen", "256",
+        "--eval-tokens", "512", "--ctx", "256", "--json", "{out}/gptq_example.json",
+    ],
+    f"{QUANT}/awq_example.py": [
+        "--model", "{model}", "--method", "scratch", "--calib-samples", "4", "--calib-seqlen", "256",
+        "--eval-tokens", "512", "--ctx", "256", "--search-tokens", "512", "--json", "{out}/awq_example.json",
+    ],
+    f"{QUANT}/compare_methods.py": [
+        "--model", "{model}", "--no-library", "--no-sweep",
+        "--rows", "fp-reference-w16-g-1-sym,rtn-scratch-w8-g64-sym,rtn-scratch-w4-g64-asym,rtn-scratch-w3-g64-asym",
+        "--calib-samples", "2", "--calib-seqlen", "256", "--eval-tokens", "512", "--ctx", "256",
+        "--cache-dir", "{out}/compare-cache",
+    ],
     f"{QUANT}/quant_basics.py": [
         "--model", "{model}", "--max-layers", "1", "--bits", "4", "8", "--group-size", "0", "64", "32",
         "--json", "{out}/quant_basics-cpu.json", "--quiet",
