@@ -12,7 +12,9 @@ b-bit codes + 16-bit scales, + zero points when asymmetric, + the 16-bit unquant
 A second table sweeps 4-bit GPTQ over group sizes (per channel, 192, 64, 32) and act-order on/off.
 Careful with group 32 on SmolLM2: its published weights came through GGUF Q4_1, which stores
 blocks of 32 weights on a 16-level grid, so a 4-bit grid aligned with those blocks gets part of
-its accuracy for free (4-bit asymmetric RTN with group 32 reproduces the weights exactly).
+its accuracy for free (a 4-bit grid with a float offset per block of 32, as Q4_1 stores it,
+reproduces the weights exactly; the integer zero-point grid used here does not, since it always
+contains 0: see quant_basics.py).
 
 Run it (the committed results came from this command on 2 shared CPU cores, where it took about
 an hour of wall time; each row is cached in --cache-dir, so an interrupted run resumes where it
