@@ -7,6 +7,7 @@ with one line saying what is missing; they never skip silently.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -72,6 +73,18 @@ def corpus() -> tuple[str, str]:
 def corpus_files() -> tuple[Path, Path]:
     """The same two parts written to `.cache/corpus/` for scripts that take `--*-file` paths."""
     return assets.write_corpus()
+
+
+def import_example(script: Path):
+    """Import an example script as a module, so tests can call its functions directly.
+
+    It is registered in sys.modules first: dataclasses look their module up while the file executes.
+    """
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(script: Path, *args: str, timeout: float = 600, env: dict[str, str] | None = None,

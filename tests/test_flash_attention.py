@@ -8,15 +8,13 @@ within twice the error of the written-out formula in the same dtype (FlashAttent
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ACCEL_EXAMPLES, assert_results_header, run_script, run_script_json
+from conftest import import_example, ACCEL_EXAMPLES, assert_results_header, run_script, run_script_json
 
 SCRIPT = ACCEL_EXAMPLES / "flash_attention.py"
 FP32_TOL = 1e-5
@@ -24,11 +22,8 @@ FP32_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def fa():
-    spec = importlib.util.spec_from_file_location("flash_attention", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+
+    return import_example(SCRIPT)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -7,24 +7,20 @@ Everything else (writing, reading back, names, quality) runs in CI.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import QUANT_EXAMPLES, assert_results_header, run_script, run_script_json
+from conftest import import_example, QUANT_EXAMPLES, assert_results_header, run_script, run_script_json
 
 SCRIPT = QUANT_EXAMPLES / "gguf_example.py"
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("gguf_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gguf_example"] = module
-    spec.loader.exec_module(module)
-    return module
+
+    return import_example(SCRIPT)
 
 
 ge = load_module()

@@ -8,15 +8,13 @@ KV calculator gives the exact bytes for SmolLM2 and Llama-3-8B. Bad inputs end i
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ACCEL_EXAMPLES, assert_results_header, run_script, run_script_json
+from conftest import import_example, ACCEL_EXAMPLES, assert_results_header, run_script, run_script_json
 
 SCRIPT = ACCEL_EXAMPLES / "kv_cache_optimization.py"
 
@@ -24,11 +22,7 @@ SCRIPT = ACCEL_EXAMPLES / "kv_cache_optimization.py"
 @pytest.fixture(scope="module")
 def kv():
     """The script imported as a module (as the vLLM example of the same folder does)."""
-    spec = importlib.util.spec_from_file_location("kv_cache_optimization", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return import_example(SCRIPT)
 
 
 def test_kv_bytes_per_token_exact(kv, smollm2: Path) -> None:

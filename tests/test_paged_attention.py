@@ -10,16 +10,14 @@ copy-on-write. The benchmark's JSON, table and plot are asserted on a short work
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ACCEL_EXAMPLES, assert_results_header, run_script, run_script_json
+from conftest import import_example, ACCEL_EXAMPLES, assert_results_header, run_script, run_script_json
 
 SCRIPT = ACCEL_EXAMPLES / "paged_attention.py"
 # One OpenMP thread: on a busy 2-core machine two spinning threads took 5x the CPU time for the same run.
@@ -28,11 +26,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def pa():
-    spec = importlib.util.spec_from_file_location("paged_attention", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+
+    return import_example(SCRIPT)
 
 
 @pytest.mark.parametrize("is_prefill", [False, True])

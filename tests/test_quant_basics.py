@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 import torch
 
-from conftest import QUANT_EXAMPLES, assert_results_header, run_script, run_script_json
+from conftest import import_example, QUANT_EXAMPLES, assert_results_header, run_script, run_script_json
 
 SCRIPT = QUANT_EXAMPLES / "quant_basics.py"
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("quant_basics", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quant_basics"] = module
-    spec.loader.exec_module(module)
-    return module
+
+    return import_example(SCRIPT)
 
 
 qb = load_module()

@@ -8,23 +8,19 @@ The missing-vLLM and missing-instruction-set messages are checked without starti
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ACCEL_EXAMPLES, assert_results_header, run_script, run_script_json
+from conftest import import_example, ACCEL_EXAMPLES, assert_results_header, run_script, run_script_json
 
 SCRIPT = ACCEL_EXAMPLES / "vllm_example.py"
 
 
 @pytest.fixture(scope="module")
 def ve():
-    spec = importlib.util.spec_from_file_location("vllm_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+    return import_example(SCRIPT)
 
 
 def test_end_to_end_on_small_model(smollm2: Path, tmp_path: Path, ve) -> None:
