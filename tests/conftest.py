@@ -1,8 +1,10 @@
-"""Shared fixtures: the offline models, the corpus, and a runner for the example scripts.
+"""Shared fixtures: the offline models, the corpus, and runners for teaching scripts and benches.
 
-Every example is tested the way a reader runs it: as a subprocess with `--json PATH`, then
-the JSON it wrote is asserted. Fixtures that cannot build their prerequisite fail the test
-with one line saying what is missing; they never skip silently.
+Tests import a teaching script by path (`import_example`, the one import helper, from
+bench/common.py) and compare values themselves: both paths run inside the test. A subprocess run
+(`run_script`) checks the script as a reader runs it; `run_bench` runs a bench preset on the tiny
+model with --quick and returns the results JSON it wrote. Fixtures that cannot build their
+prerequisite fail the test with one line saying what is missing; they never skip silently.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tools"))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
 
-import assets  # noqa: E402  (tools/ is not a package; the path is set just above)
+import assets  # noqa: E402  (tools/ and bench/ are not packages; the paths are set just above)
+from common import load_script as import_example  # noqa: E402,F401  (the one import helper)
 
 QUANT_EXAMPLES = REPO_ROOT / "inference" / "quantization" / "examples"
 ACCEL_EXAMPLES = REPO_ROOT / "inference" / "inference-acceleration" / "examples"
+BENCH = REPO_ROOT / "bench"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -75,18 +80,6 @@ def corpus_files() -> tuple[Path, Path]:
     return assets.write_corpus()
 
 
-def import_example(script: Path):
-    """Import an example script as a module, so tests can call its functions directly.
-
-    It is registered in sys.modules first: dataclasses look their module up while the file executes.
-    """
-    spec = importlib.util.spec_from_file_location(script.stem, script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_script(script: Path, *args: str, timeout: float = 600, env: dict[str, str] | None = None,
                check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run an example script as a reader would; on failure show its output in the test report."""
@@ -104,18 +97,36 @@ def run_script(script: Path, *args: str, timeout: float = 600, env: dict[str, st
     return proc
 
 
-def run_script_json(script: Path, json_path: Path, *args: str, timeout: float = 600,
-                    env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a script with `--json json_path` and return what it wrote."""
-    run_script(script, *args, "--json", str(json_path), timeout=timeout, env=env)
-    return json.loads(json_path.read_text())
+def run_bench(name: str, preset: str, out_dir: Path, *args: str, model: Path | None = None,
+              timeout: float = 900) -> dict[str, Any]:
+    """Run `bench/<name>.py --preset <preset> --quick --out <out_dir>` and return its results JSON.
+
+    The preset's results stem is `<stem>-<preset>`; exactly one JSON file must appear.
+    """
+    extra = ["--model", str(model)] if model else []
+    run_script(BENCH / f"{name}.py", "--preset", preset, "--quick", "--out", str(out_dir), *extra, *args,
+               timeout=timeout)
+    written = sorted(out_dir.glob(f"*-{preset}.json"))
+    assert len(written) >= 1, f"bench/{name}.py --preset {preset} wrote no results JSON in {out_dir}"
+    return json.loads(written[0].read_text())
 
 
 def assert_results_header(result: dict[str, Any]) -> None:
-    """Every results file names its hardware, versions, command and date (design.md)."""
-    for key in ("hardware", "versions", "command", "date"):
+    """Every results file names its hardware, versions, preset, command and date (design.md)."""
+    for key in ("hardware", "versions", "preset", "command", "date", "settings"):
         assert key in result, f"results JSON lacks {key!r}"
     assert "torch" in result["versions"]
+    assert result["command"].startswith("python bench/"), result["command"]
+
+
+def assert_refusal(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    """A refusal: exit code 2, one `error:` line naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(("error:", f"{Path(proc.args[1]).name}: error:")), proc.stderr
+    for word in words:
+        assert word in lines[-1], (word, lines[-1])
 
 
 @pytest.fixture(scope="session")

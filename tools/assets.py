@@ -21,29 +21,13 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+from common import SMOLLM2_DIR, pydoc_corpus  # noqa: E402  (bench/ is not a package)
+
 CACHE_DIR = REPO_ROOT / ".cache"
-SMOLLM2_DIR = CACHE_DIR / "models" / "SmolLM2-135M-Instruct"
 TINY_DIR = CACHE_DIR / "models" / "tiny-llama"
 CORPUS_DIR = CACHE_DIR / "corpus"
-
-# The split rule every example script repeats (they are standalone): the pydoc topics joined in
-# key order, cut at the first paragraph break after 40 % of the characters. Calibration text is
-# the first part, evaluation text the rest, so the two never overlap.
-CALIBRATION_FRACTION = 0.4
-
-
-class AssetError(RuntimeError):
-    """A prerequisite of the offline assets is missing; the message says what to do."""
-
-
-def pydoc_corpus() -> tuple[str, str]:
-    """Return (calibration_text, evaluation_text) from Python's bundled pydoc topics."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    cut = text.index("\n\n", int(len(text) * CALIBRATION_FRACTION))
-    return text[:cut], text[cut:]
-
 
 def write_corpus(out_dir: Path = CORPUS_DIR) -> tuple[Path, Path]:
     calibration, evaluation = pydoc_corpus()
