@@ -29,6 +29,11 @@ CACHE_DIR = REPO_ROOT / ".cache"
 TINY_DIR = CACHE_DIR / "models" / "tiny-llama"
 CORPUS_DIR = CACHE_DIR / "corpus"
 
+
+class AssetError(RuntimeError):
+    """A prerequisite of the offline assets is missing; the message says what to do."""
+
+
 def write_corpus(out_dir: Path = CORPUS_DIR) -> tuple[Path, Path]:
     calibration, evaluation = pydoc_corpus()
     out_dir.mkdir(parents=True, exist_ok=True)
