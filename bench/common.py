@@ -139,7 +139,9 @@ def load_script(path: Path) -> ModuleType:
     """
     if not path.exists():
         fail(f"{path} does not exist")
-    name = f"example_{path.stem}"
+    path = path.resolve()
+    where = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else Path(path.name)
+    name = "script_" + "_".join(part.replace("-", "_") for part in where.with_suffix("").parts)
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

@@ -1,0 +1,182 @@
+"""GGUF files of the small model: size, exactness of our encoder, quality, llama.cpp speed.
+
+Loads inference/quantization/examples/gguf_example.py, writes one GGUF file per type (F16, Q8_0,
+Q4_0) with it, reads each back (our torch encoder against the file's bytes), loads each through
+transformers and compares it with the FP32 model on the same evaluation tokens (perplexity with
+its standard error, mean KL divergence, top-1 agreement; windows of `context` tokens), and, where
+llama-cpp-python is installed, times llama.cpp's greedy generation (one warm-up, then repeats).
+
+    gguf-<preset>.{json,md,en.md,png}
+
+Run: python bench/gguf_files.py --preset cpu
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (bench/ is not a package)
+
+PRESETS = {
+    "cpu": {
+        "about": "SmolLM2-135M as F16, Q8_0 and Q4_0 GGUF; 4096 evaluation tokens; llama.cpp on 1 thread",
+        "model": "smollm2",
+        "device": "cpu",
+        "types": ["F16", "Q8_0", "Q4_0"],
+        "tokenizer_pre": "smollm",
+        "eval_tokens": 4096,
+        "context": 512,
+        "threads": 1,
+        "prompt": "The capital of France is",
+        "max_new_tokens": 64,
+        "repeats": 3,
+        "quick": {"types": ["Q8_0", "Q4_0"], "tokenizer_pre": "gpt2", "eval_tokens": 128,
+                  "context": 64, "max_new_tokens": 8, "repeats": 1},
+    },
+}
+
+SCRIPT = common.QUANT / "examples" / "gguf_example.py"
+NOT_INSTALLED = "not run: llama-cpp-python not installed"
+
+
+def quality(ge, reference, candidate, ids, context: int) -> dict:
+    """Perplexity ± standard error (delta method), mean KL and top-1 over windows of `context`."""
+    import torch
+
+    parts: dict[str, list] = {"nll_ref": [], "nll": [], "kl": [], "top1": []}
+    for start in range(0, ids.shape[1] - 1, context):
+        window = ids[:, start:start + context + 1]  # (1, T+1)
+        if window.shape[1] < 2:
+            break
+        for key, value in ge.next_token_agreement(reference, candidate, window).items():
+            parts[key].append(value)
+    cat = {key: torch.cat(values) for key, values in parts.items()}
+
+    def ppl(nll):
+        value = math.exp(nll.mean().item())
+        return value, value * nll.std().item() / math.sqrt(len(nll))
+
+    (p, se), (p_ref, se_ref) = ppl(cat["nll"]), ppl(cat["nll_ref"])
+    return {"perplexity": p, "ppl_stderr": se, "kl": cat["kl"].mean().item(),
+            "top1": cat["top1"].mean().item(), "eval_tokens": len(cat["nll"]),
+            "fp32": {"perplexity": p_ref, "ppl_stderr": se_ref}}
+
+
+def llama_cpp_speed(ge, path: Path, settings: dict) -> dict:
+    """Greedy text and tokens/s: one warm-up call, then `repeats` timed generations."""
+    import torch
+
+    llm = ge.load_llama_cpp(path, settings["threads"])
+    text, n_new = ge.generate_llama_cpp(llm, settings["prompt"], settings["max_new_tokens"])  # warm-up
+    samples = common.time_ms(lambda: ge.generate_llama_cpp(llm, settings["prompt"], settings["max_new_tokens"]),
+                             torch.device("cpu"), warmup=0, repeats=settings["repeats"])
+    ms = common.spread(samples)
+    return {"text": text, "new_tokens": n_new, "ms": ms, "tokens_per_s": n_new / (ms["median"] / 1e3),
+            "threads": settings["threads"]}
+
+
+def tables(result: dict) -> dict[str, str]:
+    s, fp = result["settings"], result["fp32"]
+    ran = result["llama_cpp"] == "ran"
+    speed_zh = (f"llama.cpp 每秒词元数:{s['repeats']} 次贪心生成({s['max_new_tokens']} 个词元)的中位数,"
+                f"{s['threads']} 个线程" if ran else "llama.cpp:未运行(未安装 llama-cpp-python)")
+    speed_en = (f"llama.cpp tokens/s: median of {s['repeats']} greedy generations of {s['max_new_tokens']} "
+                f"tokens, {s['threads']} thread(s)" if ran else f"llama.cpp: {NOT_INSTALLED}")
+    caption = {
+        "zh": f"`{Path(s['model']).name}` 用 gguf {result['versions'].get('gguf', '?')} 写成 GGUF;"
+              f"质量:{fp['eval_tokens']} 个评测词元(上下文 {s['context']}),与 FP32 模型对比,"
+              f"GGUF 经 transformers 读回(加载后反量化为 FP32,每个模型 {fp['param_mb']:.0f} MB);"
+              f"{speed_zh}。{result['hardware']}。",
+        "en": f"`{Path(s['model']).name}` written as GGUF with gguf {result['versions'].get('gguf', '?')}; "
+              f"quality on {fp['eval_tokens']} evaluation tokens (context {s['context']}) against the FP32 "
+              f"model, GGUF loaded back through transformers (dequantized to FP32 on load, "
+              f"{fp['param_mb']:.0f} MB each); {speed_en}. {result['hardware']}.",
+    }
+    header = {"zh": ["文件", "大小 (MB)", "比特/权重", "线性层权重误差", "困惑度", "KL", "top-1 一致率",
+                     "llama.cpp 词元/秒"],
+              "en": ["file", "size (MB)", "bits/weight", "linear-weight error", "perplexity", "KL", "top-1",
+                     "llama.cpp tokens/s"]}
+    rows = [["FP32 (transformers)", "-", "32", "0", f"{fp['perplexity']:.3f} ± {fp['ppl_stderr']:.3f}",
+             "0", "1", "-"]]
+    for r in result["rows"]:
+        speed = f"{r['llama_cpp']['tokens_per_s']:.0f}" if "llama_cpp" in r else "-"
+        rows.append([r["qtype"], f"{r['file_mb']:.1f}", f"{r['bits_per_weight']:.2f}",
+                     f"{r['linear_rel_error']:.4f}", f"{r['perplexity']:.3f} ± {r['ppl_stderr']:.3f}",
+                     f"{r['kl']:.4f}", f"{r['top1']:.3f}", speed])
+    return {lang: caption[lang] + "\n\n" + common.markdown_table(header[lang], rows) for lang in ("zh", "en")}
+
+
+def plot_perplexity(result: dict):
+    def draw(path: Path) -> None:
+        fig, ax = common.new_figure()
+        rows = result["rows"]
+        ax.errorbar([r["bits_per_weight"] for r in rows], [r["perplexity"] for r in rows],
+                    yerr=[r["ppl_stderr"] for r in rows], fmt="o", capsize=4)
+        for r in rows:
+            ax.annotate(r["qtype"], (r["bits_per_weight"], r["perplexity"]), textcoords="offset points",
+                        xytext=(6, 4))
+        ax.axhline(result["fp32"]["perplexity"], linestyle="--", color="gray", label="FP32")
+        ax.set_xlabel("bits per weight (file size × 8 / parameters)")
+        ax.set_ylabel("perplexity (± standard error)")
+        ax.set_title(f"GGUF perplexity by size, {Path(result['settings']['model']).name}")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        common.save_figure(fig, path)
+    return draw
+
+
+def main(args) -> None:
+    settings = common.resolve_preset(PRESETS, args)
+    folder = common.results_dir(args, common.QUANT / "results")
+    device = common.resolve_device(settings["device"])
+    ge = common.load_script(SCRIPT)
+    ge.hf_logging.disable_progress_bar()
+    try:
+        model, tokenizer = ge.load_model(settings["model"], device)
+    except ge.Refusal as why:
+        common.fail(str(why))
+    tensors = ge.gguf_tensors(model)
+    n_params = sum(W.size for _, W in tensors)
+    ids = tokenizer(common.pydoc_corpus()[1], return_tensors="pt")["input_ids"][:, : settings["eval_tokens"]]
+    have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    if not have_llama_cpp:
+        print(f"llama.cpp: {NOT_INSTALLED}")
+    rows, fp32 = [], None
+    with tempfile.TemporaryDirectory(prefix="gguf-bench-") as tmp:
+        for qtype in settings["types"]:
+            path = Path(tmp) / f"{Path(settings['model']).name}-{qtype}.gguf"
+            header = lambda w, q=qtype: ge.add_metadata(w, model.config, tokenizer, q, settings["tokenizer_pre"])
+            expected = ge.write_gguf(path, tensors, qtype, header, quiet=True)
+            size = path.stat().st_size
+            row = {"qtype": qtype, "file_mb": size / 1e6, "bits_per_weight": 8 * size / n_params,
+                   **ge.check_file(path, tensors, expected)}
+            loaded = ge.load_gguf_in_transformers(path, device)
+            row["transformers_param_mb"] = sum(p.numel() * p.element_size() for p in loaded.parameters()) / 1e6
+            q = quality(ge, model, loaded, ids.to(device), settings["context"])
+            fp32 = q.pop("fp32")
+            row.update(q)
+            del loaded
+            if have_llama_cpp:
+                row["llama_cpp"] = llama_cpp_speed(ge, path, settings)
+            rows.append(row)
+            print(f"{qtype}: {row['file_mb']:.1f} MB, ours = file on {row['scratch_bytes_equal']}/"
+                  f"{row['quantized_tensors']} tensors, ppl {row['perplexity']:.3f}, KL {row['kl']:.4f}", flush=True)
+    fp32.update(eval_tokens=rows[0]["eval_tokens"],
+                param_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6)
+    result = {**common.results_header(settings, args, device, ("gguf", "llama_cpp_python")),
+              "n_params": n_params, "llama_cpp": "ran" if have_llama_cpp else NOT_INSTALLED,
+              "fp32": fp32, "rows": rows}
+    written = common.write_results(folder, f"gguf-{args.preset}", result, tables(result),
+                                   {"": plot_perplexity(result)})
+    print(tables(result)["en"])
+    print("wrote " + ", ".join(p.name for p in written))
+
+
+if __name__ == "__main__":
+    common.run_main(main, common.bench_parser(__doc__, PRESETS))
