@@ -1,231 +1,310 @@
-"""tensor_parallel.py: two gloo processes decode SmolLM2 token for token like one process and like
-transformers; the shards add up to the checkpoint; bad inputs end in one line.
+"""tensor_parallel.py: the shards rebuild the checkpoint, the row-parallel partial sums add up to
+the full matmul, N ranks decode token for token like one process and like transformers, bad
+inputs end in one line, and the bench preset writes its schema.
 
-The script runs under torchrun (`python -m torch.distributed.run --standalone`, which picks a free
-port), as a reader starts it. SmolLM2 has 9 query heads and 3 KV heads: on 2 processes the plan
-gives whole KV groups, 6 + 3 query heads (see `plan_heads`); the tiny model (4 heads, 2 KV heads)
-covers the other branch, a KV head copied to several ranks (N = 4).
+Most checks run the ranks in-process as threads joined by `ThreadComm` (the same two collectives
+as the script's gloo `Comm`, by a barrier), which costs no process start; one subprocess run
+covers the real path (spawned processes, gloo, DTensor) on the tiny model. Tiny model: 4 query
+heads, 2 KV heads, so N = 2 splits the KV heads and N = 4 copies each to 2 ranks.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ACCEL_EXAMPLES, REPO_ROOT, assert_results_header
+from conftest import (ACCEL_EXAMPLES, BENCH, REPO_ROOT, assert_refusal, assert_results_header,
+                      import_example, run_bench, run_script)
+from tolerances import LOGITS_FP32_REL, agrees_like_reference, rel_err
 
 SCRIPT = ACCEL_EXAMPLES / "tensor_parallel.py"
-sys.path.insert(0, str(ACCEL_EXAMPLES))
-import fast_decode  # noqa: E402  (the examples folder is not a package; its path is set just above)
-import tensor_parallel as tp  # noqa: E402
-
-NEW_TOKENS = 12
+tp = import_example(SCRIPT)
 PROMPT = "The capital of France is"
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Start the script as a reader does: torchrun, one process per rank, a free port."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(SCRIPT), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+class ThreadComm:
+    """Rank `rank` of N threads: all-reduce and all-gather through shared slots and a barrier.
+    Sums are taken in rank order, so every rank gets bit-identical results (as gloo gives)."""
+
+    def __init__(self, rank: int, N: int, shared: dict) -> None:
+        self.rank, self.N, self.shared = rank, N, shared
+
+    def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.shared["slots"][self.rank] = x.clone()
+        self.shared["barrier"].wait()
+        parts = list(self.shared["slots"])
+        self.shared["barrier"].wait()
+        return parts
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self._exchange(x)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return x.copy_(total)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self._exchange(x), dim=-1)
 
 
-@pytest.fixture(scope="module")
-def tp_result(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One launch, 2 processes: TP = 1 on rank 0, then TP = 2 over both."""
-    out = tmp_path_factory.mktemp("tp") / "tp.json"
-    proc = torchrun(2, "--model", smollm2, "--tp-sizes", "1,2", "--new-tokens", NEW_TOKENS,
-                    "--prompt", PROMPT, "--json", out)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun exited with {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}",
-                    pytrace=False)
-    print(proc.stdout)
-    return json.loads(out.read_text())
+def run_threads(folder: Path, N: int, prompt: torch.Tensor, new_tokens: int) -> list[dict]:
+    """N ranks of the from-scratch decoder as threads: each rank's tokens and logits of the prompt."""
+    cfg = tp.read_config(folder)
+    shared = {"slots": [None] * N, "barrier": threading.Barrier(N, timeout=120)}
+    out: list[dict] = [{} for _ in range(N)]
 
+    def rank_main(rank: int) -> None:
+        try:
+            plan = tp.make_plan(cfg, rank, N)
+            model = tp.TPDecoder(cfg, plan, tp.load_shard(folder, cfg, plan, torch.float32, torch.device("cpu")),
+                                 ThreadComm(rank, N, shared))
+            out[rank]["tokens"] = tp.generate(model, prompt, new_tokens)
+            model.setup_cache(prompt.shape[0], prompt.shape[1])
+            with torch.no_grad():
+                out[rank]["logits"] = model(prompt, 0)
+        except BaseException as error:  # noqa: BLE001  (reported below, in the test's thread)
+            out[rank]["error"] = error
+            shared["barrier"].abort()
 
-def test_two_processes_decode_like_one_process_and_like_transformers(tp_result: dict, smollm2: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    assert_results_header(tp_result)
-    assert tp_result["backend"] == "gloo" and tp_result["world_size"] == 2
-    runs = {r["tp_size"]: r for r in tp_result["runs"]}
-    assert set(runs) == {1, 2} and runs[2]["allreduce"] == "gloo"
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids  # (1, T)
-    T = prompt.shape[1]
-    with torch.no_grad():
-        expected_hf = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)[0, T:].tolist()
-    one_process = fast_decode.generate(fast_decode.model_from_hf(hf), prompt, NEW_TOKENS)[0, T:].tolist()
-    two_processes = runs[2]["tokens"][0]
-    print(f"transformers: {expected_hf}\none process:  {one_process}\nTP = 1:       {runs[1]['tokens'][0]}\n"
-          f"TP = 2:       {two_processes}\ntext: {runs[2]['text']!r}")
-    assert two_processes == one_process == runs[1]["tokens"][0]
-    assert two_processes[:len(expected_hf)] == expected_hf  # transformers stops at EOS, we do not
-    assert len(expected_hf) >= 4 and "Paris" in runs[2]["text"]
-
-
-def test_each_rank_holds_only_its_share(tp_result: dict, smollm2: Path):
-    label = "SmolLM2-135M-Instruct"
-    ranks = tp_result["per_rank"][f"{label}, TP=2"]
-    assert [(r["query_heads"], r["kv_heads"]) for r in ranks] == [("0-5", "0-1"), ("6-8", "2")]
-    assert [r["mlp_channels"] for r in ranks] == ["0-767", "768-1535"]
-    assert [r["vocab_rows"] for r in ranks] == ["0-24575", "24576-49151"]
-    whole = tp_result["per_rank"][f"{label}, TP=1"][0]
-    # every value lives on exactly one rank, except the replicated embedding and norms
-    args = fast_decode.ModelArgs(**tp_result["models"][label])
-    replicated = sum(n for name, (*_, n) in _sizes(args).items() if tp.shard_bounds(name, args, tp.plan_shards(args, 0, 2)) is None)
-    assert sum(r["params"] for r in ranks) == whole["params"] + replicated
-    assert whole["params"] == 134_515_008  # SmolLM2-135M, tied LM head counted once
-    assert ranks[0]["kv_cache_bytes"] == 2 * ranks[1]["kv_cache_bytes"]  # 2 KV heads against 1
-    assert all(r["weight_bytes"] == 4 * r["params"] < whole["weight_bytes"] for r in ranks)  # float32
-
-
-def _sizes(args: fast_decode.ModelArgs) -> dict[str, tuple[int, ...]]:
-    """name -> (*shape, numel) of the full checkpoint."""
-    out = {}
-    for name, shape in tp.checkpoint_shapes(args).items():
-        out[name] = (*shape, int(torch.tensor(shape).prod()))
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(N)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in out:
+        if "error" in result:
+            raise result["error"]
     return out
 
 
-def _args_from_config(folder: Path) -> fast_decode.ModelArgs:
-    config = json.loads((folder / "config.json").read_text())
-    return fast_decode.ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-                                 n_heads=config["num_attention_heads"], n_kv_heads=config["num_key_value_heads"],
-                                 head_dim=config["head_dim"], ffn_dim=config["intermediate_size"],
-                                 vocab_size=config["vocab_size"], tie_embeddings=config["tie_word_embeddings"])
+def hf_greedy(folder: Path, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt (1, T), transformers' greedy new tokens (1, new), its prompt logits (1, T, V))."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(folder)(PROMPT, return_tensors="pt").input_ids
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        tokens = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+        logits = model(prompt).logits
+    return prompt, tokens[:, prompt.shape[1]:], logits
 
 
+# ---------------------------------------------------------------------------------------------
+# The shards and the partial sums
+# ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def odd_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2's head layout (9 query heads, 3 KV heads, tied LM head) in odd small sizes: head dim 8
-    with width 48 (H x D != C), 37 MLP channels and 101 vocabulary rows, so nothing splits evenly."""
+    """SmolLM2's head layout (9 query heads, 3 KV heads, tied LM head) in small odd sizes: head
+    dim 8 with width 40 (H x D != C), 36 MLP channels, 99 vocabulary rows; N = 3 and 9 split it."""
     from safetensors.torch import save_file
 
-    args = fast_decode.ModelArgs(dim=48, n_layers=2, n_heads=9, n_kv_heads=3, head_dim=8, ffn_dim=37,
-                                 vocab_size=101, tie_embeddings=True)
+    C, D, H, Hkv, F, V = 40, 8, 9, 3, 36, 99
+    shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,),
+                       p + "self_attn.q_proj.weight": (H * D, C), p + "self_attn.k_proj.weight": (Hkv * D, C),
+                       p + "self_attn.v_proj.weight": (Hkv * D, C), p + "self_attn.o_proj.weight": (C, H * D),
+                       p + "mlp.gate_proj.weight": (F, C), p + "mlp.up_proj.weight": (F, C),
+                       p + "mlp.down_proj.weight": (C, F)})
     folder = tmp_path_factory.mktemp("odd")
     generator = torch.Generator().manual_seed(0)
-    save_file({name: torch.randn(shape, generator=generator) for name, shape in tp.checkpoint_shapes(args).items()},
+    save_file({name: torch.randn(shape, generator=generator) for name, shape in shapes.items()},
               folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({
-        "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3,
-        "head_dim": 8, "intermediate_size": 37, "vocab_size": 101, "tie_word_embeddings": True}))
+        "model_type": "llama", "hidden_size": C, "num_hidden_layers": 2, "num_attention_heads": H,
+        "num_key_value_heads": Hkv, "head_dim": D, "intermediate_size": F, "vocab_size": V,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}))
     return folder
 
 
-@pytest.mark.parametrize("model, world", [("odd_checkpoint", 2), ("odd_checkpoint", 3), ("odd_checkpoint", 9),
-                                          ("tiny_model", 2), ("tiny_model", 4)])
-def test_shards_add_up_to_the_checkpoint(model: str, world: int, request: pytest.FixtureRequest):
+@pytest.mark.parametrize("model, N", [("tiny_model", 2), ("tiny_model", 4), ("odd_checkpoint", 3),
+                                      ("odd_checkpoint", 9)])
+def test_shards_reassemble_to_the_full_weights(model: str, N: int, request: pytest.FixtureRequest):
     from safetensors.torch import load_file
 
     folder = request.getfixturevalue(model)
     full = load_file(folder / "model.safetensors")
-    args = _args_from_config(folder)
-    plans = [tp.plan_shards(args, r, world) for r in range(world)]
-    shards = [tp.load_shard(folder, args, plan, torch.float32, torch.device("cpu")) for plan in plans]
-    held = 0
+    cfg = tp.read_config(folder)
+    plans = [tp.make_plan(cfg, r, N) for r in range(N)]
+    shards = [tp.load_shard(folder, cfg, plan, torch.float32, torch.device("cpu")) for plan in plans]
     for name, tensor in full.items():
-        rebuilt, covered = torch.full_like(tensor, float("nan")), torch.zeros(tensor.shape, dtype=torch.bool)
+        rebuilt = torch.full_like(tensor, float("nan"))
         for plan, shard in zip(plans, shards):
-            bounds = tp.shard_bounds(name, args, plan)
-            held += shard[name].numel()
+            bounds = tp.shard_bounds(name, cfg, plan)
             if bounds is None:
-                assert torch.equal(shard[name], tensor), f"{name}: replicated copy differs"
-                rebuilt, covered[...] = tensor.clone(), True
+                assert torch.equal(shard[name], tensor), f"{name}: a replicated copy differs"
+                rebuilt = shard[name].clone()
                 continue
             dim, start, stop = bounds
             index = (slice(None),) * dim + (slice(start, stop),)
-            if covered[index].all():  # a KV head copied to several ranks: the copies agree
+            if not rebuilt[index].isnan().any():     # a KV head copied to several ranks
                 assert torch.equal(rebuilt[index], shard[name]), f"{name}: copies differ"
             rebuilt[index] = shard[name]
-            covered[index] = True
-        assert covered.all() and torch.equal(rebuilt, tensor), f"{name}: shards do not rebuild the tensor"
-    if args.tie_embeddings:  # the LM head shards are rows of the embedding table
-        vocab_rows = torch.cat([s["lm_head.weight"] for s in shards])
-        assert torch.equal(vocab_rows, full["model.embed_tokens.weight"])
-    # values held = the checkpoint + the replicated tensors' extra copies + copied KV heads
-    total = sum(t.numel() for t in full.values())
-    copies = sum(t.numel() for name, t in full.items() if tp.shard_bounds(name, args, plans[0]) is None)
-    kv_copies = max(world // args.n_kv_heads, 1)
-    kv = sum(t.numel() for name, t in full.items() if name.endswith(("k_proj.weight", "v_proj.weight")))
-    expected = total + (world - 1) * copies + (kv_copies - 1) * kv
-    print(f"{model} N={world}: held {held:,} values, checkpoint {total:,}")
-    assert held == expected == sum(tp.shard_numel(args, p) for p in plans)
+        assert torch.equal(rebuilt, tensor), f"{name}: the shards do not rebuild the tensor"
+    head = torch.cat([shard["lm_head.weight"] for shard in shards])   # vocab-parallel LM head
+    expected = full["model.embed_tokens.weight"] if cfg.tied else full["lm_head.weight"]
+    assert torch.equal(head, expected)
+    # each rank holds exactly its share: H / N query heads, F / N MLP channels
+    assert all(s["model.layers.0.self_attn.q_proj.weight"].shape[0] == cfg.H // N * cfg.D for s in shards)
+    assert all(s["model.layers.0.mlp.down_proj.weight"].shape[1] == cfg.F // N for s in shards)
 
 
-def test_random_shards_have_the_loaded_shapes(odd_checkpoint: Path):
-    """--random-weights builds each rank's shard directly; it must match what a checkpoint gives."""
-    args = _args_from_config(odd_checkpoint)
-    for world in (2, 3, 9):
-        for rank in range(world):
-            plan = tp.plan_shards(args, rank, world)
-            loaded = tp.load_shard(odd_checkpoint, args, plan, torch.float32, torch.device("cpu"))
-            made = tp.random_shard(args, plan, torch.bfloat16, torch.device("cpu"), seed=0)
-            assert {k: v.shape for k, v in made.items()} == {k: v.shape for k, v in loaded.items()}
-            assert all(v.dtype == torch.bfloat16 and v.abs().sum() > 0 for v in made.values())
+def test_plan_splits_or_copies_kv_heads_and_refuses_the_rest(tiny_model: Path, odd_checkpoint: Path):
+    tiny = tp.read_config(tiny_model)
+    assert [(tp.make_plan(tiny, r, 2).q, tp.make_plan(tiny, r, 2).kv) for r in range(2)] == \
+        [(range(0, 2), range(0, 1)), (range(2, 4), range(1, 2))]
+    assert [tp.make_plan(tiny, r, 4).kv for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    with pytest.raises(tp.Refusal, match=r"^3 ranks cannot split 4 query heads, 2 KV heads.*--tp-size 1 or 2 or 4$"):
+        tp.make_plan(tiny, 0, 3)
+    odd = tp.read_config(odd_checkpoint)
+    with pytest.raises(tp.Refusal, match=r"2 ranks cannot split 9 query heads, 3 KV heads.*--tp-size 1 or 3 or 9$"):
+        tp.make_plan(odd, 0, 2)
 
 
-def test_plan_follows_kv_groups_and_refuses_what_it_cannot_split():
-    smol = fast_decode.ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
-                                 vocab_size=49152)
-    assert [tuple(map(len, tp.plan_heads(smol, r, 2))) for r in range(2)] == [(6, 2), (3, 1)]
-    assert [tp.plan_heads(smol, r, 9) for r in (0, 4, 8)] == [(range(0, 1), range(0, 1)), (range(4, 5), range(1, 2)),
-                                                              (range(8, 9), range(2, 3))]
-    with pytest.raises(fast_decode.UserError, match=r"4 processes cannot split 9 query heads and 3 KV heads.*"
-                                                    r"use --nproc-per-node 1 or 2 or 3 or 9$"):
-        tp.plan_heads(smol, 0, 4)
-    llama8b = fast_decode.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
-                                    vocab_size=128256)
-    assert tp.supported_tp_sizes(llama8b) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32]
-    assert [len(tp.split_range(10, 3, i)) for i in range(3)] == [4, 3, 3]
+def test_all_reduce_of_row_parallel_partial_sums_is_the_full_matmul(tiny_model: Path):
+    """o_proj / down_proj cut by input columns: the sum over ranks of x_r @ W_r^T equals x @ W^T,
+    as accurate as the full float32 matmul (FlashAttention's rule against float64)."""
+    N = 2
+    cfg = tp.read_config(tiny_model)
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(cfg.C, cfg.F, generator=generator)                       # (N, K) = (C, F)
+    x = torch.randn(3, 5, cfg.F, generator=generator)                        # (B, T, K)
+    name = "model.layers.0.mlp.down_proj.weight"
+    partials = []
+    for rank in range(N):
+        _, start, stop = tp.shard_bounds(name, cfg, tp.make_plan(cfg, rank, N))
+        partials.append(torch.nn.functional.linear(x[..., start:stop], W[:, start:stop]))
+    shared = {"slots": [None] * N, "barrier": threading.Barrier(N, timeout=30)}
+    reduced = [None] * N
+    threads = [threading.Thread(target=lambda r: reduced.__setitem__(r, ThreadComm(r, N, shared).all_reduce(
+        partials[r].clone())), args=(r,)) for r in range(N)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.equal(reduced[0], reduced[1])                              # every rank gets the same sum
+    full = torch.nn.functional.linear(x, W)
+    assert agrees_like_reference(reduced[0], full, torch.nn.functional.linear(x.double(), W.double()))
 
 
-def _error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+# ---------------------------------------------------------------------------------------------
+# N ranks decode like one process and like transformers
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("N", [2, 4])
+def test_tp_greedy_tokens_equal_one_process_and_transformers(tiny_model: Path, N: int):
+    new_tokens = 12
+    prompt, expected, hf_logits = hf_greedy(tiny_model, new_tokens)
+    ranks = run_threads(tiny_model, N, prompt, new_tokens)
+    one = run_threads(tiny_model, 1, prompt, new_tokens)[0]
+    print(f"transformers: {expected[0].tolist()}\none process:  {one['tokens'][0].tolist()}\n"
+          f"N = {N}:        {ranks[0]['tokens'][0].tolist()}")
+    assert all(torch.equal(r["tokens"], ranks[0]["tokens"]) for r in ranks)   # every rank, the same tokens
+    assert torch.equal(ranks[0]["tokens"], one["tokens"])
+    assert torch.equal(ranks[0]["tokens"], expected)
+    assert rel_err(ranks[0]["logits"], hf_logits) < LOGITS_FP32_REL
+    assert rel_err(ranks[0]["logits"], one["logits"]) < LOGITS_FP32_REL
 
 
-def test_without_torchrun_it_says_how_to_start(tiny_model: Path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tiny_model)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO_ROOT)
-    print(proc.stderr)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [_error_lines(proc)[0]]
-    assert "torchrun --standalone --nproc-per-node" in proc.stderr
+def test_smollm2_at_three_ranks_decodes_like_transformers(smollm2: Path):
+    """The real model once: 9 query heads and 3 KV heads on 3 ranks; its greedy answer is Paris."""
+    new_tokens = 6
+    prompt, expected, hf_logits = hf_greedy(smollm2, new_tokens)
+    ranks = run_threads(smollm2, 3, prompt, new_tokens)
+    print(f"transformers: {expected[0].tolist()}\nN = 3:        {ranks[0]['tokens'][0].tolist()}")
+    assert torch.equal(ranks[0]["tokens"], expected)
+    assert rel_err(ranks[0]["logits"], hf_logits) < LOGITS_FP32_REL
 
 
-@pytest.mark.parametrize("nproc, flags, message", [
-    (3, [], "3 processes cannot split 4 query heads and 2 KV heads"),
-    (2, ["--device", "cuda"], "--nproc-per-node 2 needs 2 CUDA GPUs"),
+def test_script_on_two_gloo_processes_matches_transformers(tiny_model: Path):
+    """The reader's run: spawned processes, gloo, and DTensor's parallelize_module."""
+    new_tokens = 8
+    proc = run_script(SCRIPT, "--model", tiny_model, "--tp-size", 2, "--new-tokens", new_tokens, "--prompt", PROMPT,
+                      timeout=300, env={"OMP_NUM_THREADS": "1"})
+    print(proc.stdout)
+    assert "| run | ranks | weights per rank (MB) |" in proc.stdout
+    printed = {name: json.loads(tokens) for name, tokens in re.findall(r"^tokens \((.+)\): (\[.*\])$", proc.stdout, re.M)}
+    assert set(printed) == {"from scratch, N=2", "from scratch, N=1", "DTensor parallelize_module, N=2"}
+    _, expected, _ = hf_greedy(tiny_model, new_tokens)
+    for name, tokens in printed.items():
+        assert tokens == expected[0].tolist(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, words", [
+    (["--model", "/no/such/model"], ["cannot find model"]),
+    (["--device", "cuda", "--tp-size", "2"], ["--device cuda needs 2 CUDA GPUs"]),
+    (["--tp-size", "3"], ["3 ranks cannot split 4 query heads", "--tp-size 1 or 2 or 4"]),
 ])
-def test_bad_inputs_end_in_one_line_from_rank_0(tiny_model: Path, nproc: int, flags: list[str], message: str):
-    if "cuda" in flags and torch.cuda.device_count() >= nproc:
+def test_bad_inputs_end_in_one_line(tiny_model: Path, flags: list[str], words: list[str]):
+    if "cuda" in flags and torch.cuda.device_count() >= 2:
         pytest.skip("this machine has the GPUs, so the input is not bad here")
-    proc = torchrun(nproc, "--model", tiny_model, *flags, timeout=180)
-    print(proc.stdout[-2000:], proc.stderr[-2000:])
-    assert proc.returncode != 0  # torchrun reports its workers' exit code 2 as a failure of its own
-    assert len(_error_lines(proc)) == 1 and message in _error_lines(proc)[0]
-    assert f'{SCRIPT.name}", line' not in proc.stderr  # no traceback from any rank
-    assert "exitcode  : 2" in proc.stderr or "exitcode: 2" in proc.stderr
+    args = flags if "--model" in flags else ["--model", str(tiny_model), *flags]
+    proc = run_script(SCRIPT, *args, check=False, timeout=120)
+    assert_refusal(proc, *words)
+
+
+def test_zero_sizes_empty_prompt_and_other_architectures_are_refused(tiny_model: Path, tmp_path: Path):
+    parser = tp.build_parser()
+    for flags in (["--tp-size", "0"], ["--new-tokens", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            tp.main(parser.parse_args(["--model", str(tiny_model), *flags]))
+        assert exit_info.value.code == 2
+    with pytest.raises(tp.Refusal, match="the prompt is empty"):
+        tp.main(parser.parse_args(["--model", str(tiny_model), "--prompt", "  "]))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(tp.Refusal, match="gpt2 .* is not supported"):
+        tp.read_config(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bench presets
+# ---------------------------------------------------------------------------------------------
+def test_bench_cpu_preset_writes_its_schema(tiny_model: Path, tmp_path: Path):
+    result = run_bench("tensor_parallel", "cpu", tmp_path, model=tiny_model)
+    assert_results_header(result)
+    assert result["backend"] == "gloo" and result["model_config"]["Hkv"] == 2
+    runs = {(r["tp_size"], r["batch_size"]): r for r in result["runs"]}
+    assert set(runs) == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    for (N, B), r in runs.items():
+        assert r["ms_per_step"]["q1"] <= r["ms_per_step"]["median"] <= r["ms_per_step"]["q3"]
+        assert r["tokens_per_s"] > 0 and r["weight_bytes_per_rank"] > 0 and r["kv_cache_bytes_per_rank"] > 0
+        assert r["copy_bandwidth_gbs"] > 0 and r["read_ms_per_step"] > 0
+        assert r["bytes_read_per_step_per_rank"] < r["weight_bytes_per_rank"] + r["kv_cache_bytes_per_rank"]
+        assert (r["allreduce_ms_per_step"] is None) == (N == 1)
+        assert r["allreduces_per_step"] == (0 if N == 1 else 2 * result["model_config"]["L"])
+        assert r["tokens"] == runs[(1, B)]["tokens"], (N, B)                 # N ranks decode like one
+    assert runs[(2, 1)]["weight_bytes_per_rank"] < runs[(1, 1)]["weight_bytes_per_rank"]
+    assert runs[(2, 1)]["kv_cache_bytes_per_rank"] * 2 == runs[(1, 1)]["kv_cache_bytes_per_rank"]
+    for suffix in (".md", ".en.md", ".png", "-split.png"):
+        assert (tmp_path / f"tensor_parallel-cpu{suffix}").exists(), suffix
+
+
+def test_bench_h200x2_preset_refuses_without_two_gpus(tmp_path: Path):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("two GPUs are visible: the preset runs (test_bench_h200x2_preset_on_two_gpus)")
+    proc = subprocess.run([sys.executable, str(BENCH / "tensor_parallel.py"), "--preset", "h200x2", "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert_refusal(proc, "needs 2 CUDA GPUs")
+    assert not list(tmp_path.iterdir())                                       # nothing written
 
 
 @pytest.mark.gpu
-def test_symm_mem_all_reduce_gives_the_nccl_tokens_on_two_gpus(tiny_model: Path, tmp_path: Path):
+def test_bench_h200x2_preset_on_two_gpus(tiny_model: Path, tmp_path: Path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
-    out = tmp_path / "tp.json"
-    proc = torchrun(2, "--model", tiny_model, "--allreduce", "nccl,symm_mem", "--batch-sizes", "1,4",
-                    "--new-tokens", 16, "--json", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = json.loads(out.read_text())["runs"]
-    assert {r["allreduce"] for r in runs} == {"nccl", "symm_mem"}
-    assert all(r["same_tokens_as_nccl"] for r in runs if r["allreduce"] == "symm_mem")
+    result = run_bench("tensor_parallel", "h200x2", tmp_path, model=tiny_model)
+    assert_results_header(result)
+    assert result["backend"] == "nccl"
+    runs = {(r["tp_size"], r["batch_size"]): r for r in result["runs"]}
+    assert set(runs) == {(1, 1), (2, 1)}
+    assert runs[(2, 1)]["allreduce_ms_per_step"]["median"] > 0
