@@ -238,3 +238,52 @@ def test_every_example_explains_itself_with_help(script: Path):
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout and "--help" in proc.stdout
+
+
+# --- pages speak to readers --------------------------------------------------------------------
+
+TEAM_WORDS = {  # words meant for the people who write the pages, never for a reader
+    "an issue of ours (a numbered one of a project, 'issue 4435', is fine)": (
+        r"(?i)\b(?:the|this|that|our|an|open|these|engine)\s+issues?\b(?!\s*#?\d)|\bissue's\b"
+        r"|\bissue\s*(?:的|点名|里|中)"),
+    "a working session": r"(?i)\bsessions?\b|会话",
+    "the seed page": r"(?i)\bseed[- ]pages?\b|种子页",
+    "the team's list of sources": r"(?i)sources\.md",
+    "machines being lent": r"(?i)\blent\b|出借",
+    "our machines": r"(?i)\b(our|these) machines\b|我们的机器",
+    "a target the reader was never given": (
+        r"(?i)\b(meets?|met|reach(?:es|ed)?|miss(?:es|ed)?|hits?)\b[^.\n]{0,40}\btarget\b"
+        r"|\btarget\b[^.\n]{0,40}\b(?:is|was|are|were)\b[^.\n]{0,10}\b(?:missed|met|reached)\b"
+        r"|\bwe aimed\b|(?:没有|未|没)?达到了?[^。\n]{0,12}目标|目标[^。\n]{0,30}(?:没有达到|未达到|达到了)|给自己定的目标"
+    ),
+}
+
+
+def reader_text(page: Path) -> str:
+    """A page's prose: fenced code blocks and inline code removed (code may say `targets=`)."""
+    text = re.sub(r"^(```|~~~).*?^\1", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+@pytest.mark.parametrize("page", SOURCE_PAGES, ids=rel)
+def test_pages_have_no_words_meant_for_the_team(page: Path):
+    text = reader_text(page)
+    found = []
+    for what, pattern in TEAM_WORDS.items():
+        for match in re.finditer(pattern, text):
+            line = text.count("\n", 0, match.start()) + 1
+            found.append(f"{what}: {match.group(0)!r} (line {line} of the page without code)")
+    assert not found, f"{rel(page)} speaks to the team, not to readers:\n" + "\n".join(found)
+
+
+def test_team_word_patterns_spare_legitimate_uses():
+    legit = ["the target model checks all k positions", "主要目标?", "verl issue 4435",
+             "`make help` lists every target", "with targets set to Linear", "the draft and the target", "one decode step issues 90 calls"]
+    meant_for_us = ["which meets the issue's target", "the target is missed", "during this session",
+                    "see the seed page", "in sources.md", "the H100 is no longer lent", "our machines keep it off",
+                    "达到了 issue 的目标", "我们给自己定的目标", "种子页", "the open issue says so",
+                    "issue 点名的基线"]
+    for text in legit:
+        assert not any(re.search(p, text) for p in TEAM_WORDS.values()), text
+    for text in meant_for_us:
+        assert any(re.search(p, text) for p in TEAM_WORDS.values()), text
