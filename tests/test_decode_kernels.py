@@ -1,0 +1,211 @@
+"""decode_kernels.py: the INT4 strip packing, the references, and the Triton kernels against them.
+
+On the CPU the kernels run in Triton's interpreter: TRITON_INTERPRET=1 must be set before triton
+compiles anything in the process, so test_kernels_run_in_the_interpreter runs this file's
+`interpreted` tests in a pytest process of their own with it set; on a GPU (`gpu` marker) they run for
+real on odd shapes, every INT4 launch configuration the bench's tuner may pick, and NaN-filled
+outputs and cache slots that must be overwritten or never read. Tolerances: tests/tolerances.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ACCEL_EXAMPLES, BENCH, assert_refusal, import_example, run_script
+from tolerances import KERNEL_BF16_REL, RTN_VS_LIBRARY_MISMATCHES, rel_err
+
+SCRIPT = ACCEL_EXAMPLES / "decode_kernels.py"
+dk = import_example(SCRIPT)
+fd = import_example(ACCEL_EXAMPLES / "fast_decode.py")
+
+
+@pytest.mark.parametrize("N, K, G", [(1, 8, 8), (37, 48, 16), (5, 192, 64), (13, 384, 128)])
+def test_int4_packing_round_trip_and_layout(N: int, K: int, G: int) -> None:
+    """Every 4-bit value survives (15 too, whose top field sets the int32 sign bit), and field i
+    of word j of a group holds element i·W + j (W = G/8), as the comment draws it."""
+    torch.manual_seed(N)
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    q[0, -1] = 15
+    packed = dk.pack_int4(q, G)
+    assert packed.shape == (N, K // 8) and packed.dtype == torch.int32
+    lin = dk.Linear("int4", packed, torch.ones(K // G, N), torch.zeros(K // G, N), G)
+    assert torch.equal(dk.dequantize(lin), q.float())  # unpacked (scale 1, zero 0)
+    W = G // 8
+    for g, j in ((0, 0), (K // G - 1, W - 1)):
+        word = int(packed[0, g * W + j]) & 0xFFFFFFFF
+        assert word == sum(int(q[0, g * G + i * W + j]) << (4 * i) for i in range(8))
+
+
+def test_reference_dequantization_equals_fast_decode() -> None:
+    """The kernels' reference weights from fast_decode's codes (as the bench builds them) equal
+    fast_decode's own dequantize_* exactly: the two pages agree on q, scale and zero."""
+    torch.manual_seed(0)
+    W = torch.randn(48, 256) * 0.02
+    q, scale, zero = fd.quantize_int4(W, 64)
+    lin4 = dk.Linear("int4", dk.pack_int4(q, 64), scale.t().contiguous(), zero.t().contiguous(), 64)
+    q8, s8, z8 = fd.quantize_int8(W)
+    mismatches = int((dk.dequantize(lin4) != fd.dequantize_int4(q, scale, zero)).sum())
+    mismatches += int((dk.dequantize(dk.Linear("int8", q8, s8)) != fd.dequantize_int8(q8, s8, z8)).sum())
+    assert mismatches <= RTN_VS_LIBRARY_MISMATCHES
+
+
+def test_reference_attention_writes_the_cache_and_ignores_later_slots() -> None:
+    torch.manual_seed(0)
+    B, H, Hkv, D, S, pos = 2, 4, 2, 32, 40, 29
+    k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D)
+    cos, sin = torch.ones(S, D), torch.zeros(S, D)                  # no rotation
+    out, k_all, v_all = dk.reference_attention(qkv, cos, sin, pos, k, v, H, Hkv)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, pos + 1:] = float("nan")
+    v2[:, :, pos + 1:] = float("nan")
+    assert torch.equal(dk.reference_attention(qkv, cos, sin, pos, k2, v2, H, Hkv)[0], out)
+    q, kn, vn = qkv.view(B, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=1)
+    assert torch.equal(k_all[:, :, pos], kn) and torch.equal(v_all[:, :, pos], vn)
+    scores = torch.einsum("bhd,bhsd->bhs", q, k_all.repeat_interleave(H // Hkv, 1)[:, :, :pos + 1]) / D**0.5
+    ref = torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), v_all.repeat_interleave(H // Hkv, 1)[:, :, :pos + 1])
+    assert rel_err(out, ref.reshape(B, H * D)) < KERNEL_BF16_REL
+
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETER, reason="run by test_kernels_run_in_the_interpreter "
+                                 "in a process with TRITON_INTERPRET=1")
+
+
+def test_kernels_run_in_the_interpreter() -> None:
+    """This file's `interpreted` tests, in a pytest process with TRITON_INTERPRET=1."""
+    if INTERPRETER:
+        pytest.skip("this process is the interpreted one")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (its CPU interpreter runs the kernels)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-k", "interpreted",
+                           "-p", "no:cacheprovider"], capture_output=True, text=True, env=env, timeout=600)
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0 and " passed" in proc.stdout and "skipped" not in proc.stdout, \
+        proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fmt, M, rms, glu, res, groups, G", [
+    ("int4", 1, True, True, False, 3, 64), ("int4", 1, False, False, True, 2, 32),
+    ("int4", 3, False, False, True, 3, 128), ("int8", 1, True, False, True, 64, 0),
+    ("bf16", 3, True, True, False, 64, 0)])
+@interpreted
+def test_interpreted_linear_kernels(fmt, M, rms, glu, res, groups, G) -> None:
+    """fused_linear (odd N = 40, K = 256; fused RMSNorm, SiLU*up, residual) against the reference."""
+
+    torch.manual_seed(M)
+    N, K = 40, 256
+    lin = dk.random_linear(fmt, 2 * N if glu else N, K, G or 64, torch.device("cpu"))
+    x = torch.randn(M, K).bfloat16()
+    r = torch.randn(M, N).bfloat16() if res else None
+    out = torch.full((M, N), float("nan")).bfloat16()                # every element must be written
+    dk.fused_linear(x, lin, out=out, rms=rms, glu=glu, residual=r, eps=1e-5,
+                     config=(1 if M == 1 else 16, 16, groups, 4, 2))
+    assert not out.isnan().any()
+    assert rel_err(out, dk.reference_linear(x, lin, rms, glu, r)) < KERNEL_BF16_REL
+
+
+@interpreted
+def test_interpreted_attention_kernel() -> None:
+
+    torch.manual_seed(0)
+    B, H, Hkv, D, S, pos = 2, 6, 2, 32, 80, 70
+    k, v = torch.randn(B, Hkv, S, D).bfloat16(), torch.randn(B, Hkv, S, D).bfloat16()
+    k[:, :, pos + 1:], v[:, :, pos + 1:] = float("nan"), float("nan")   # never read
+    qkv = torch.randn(B, (H + 2 * Hkv) * D).bfloat16()
+    freqs = torch.outer(torch.arange(S).float(), 1e4 ** (-torch.arange(0, D, 2).float() / D))
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    ref, ref_k, _ = dk.reference_attention(qkv, cos, sin, pos, k, v, H, Hkv)
+    out = torch.empty(B, H * D).bfloat16()
+    dk.decode_attention(qkv, cos, sin, torch.tensor([pos]), k, v, out, H, Hkv)
+    assert rel_err(k[:, :, pos], ref_k[:, :, pos]) < KERNEL_BF16_REL
+    assert rel_err(out, ref) < KERNEL_BF16_REL
+
+
+def test_script_prints_the_references_on_the_cpu(tiny_model: Path) -> None:
+    proc = run_script(SCRIPT, "--model", tiny_model, "--group-size", "32", "--seq-len", "64",
+                      env={"OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}, timeout=300)
+    assert "int4 gate_up" in proc.stdout and "attention" in proc.stdout
+    assert "need a CUDA GPU" in proc.stdout
+
+
+def test_refusals(tmp_path: Path) -> None:
+    assert_refusal(run_script(SCRIPT, "--device", "cuda", check=False), "no CUDA GPU")
+    assert_refusal(run_script(SCRIPT, "--model", tmp_path / "missing", check=False), "cannot read")
+    proc = run_script(SCRIPT, "--batch", "0", check=False)
+    assert proc.returncode == 2 and "--batch" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("M", [1, 8, 32])
+def test_gpu_linear_kernel_vs_reference(fmt: str, M: int) -> None:
+    torch.manual_seed(M)
+    N, K, cuda = 1000, 384, torch.device("cuda")   # odd N: the last column block is partial
+    for rms, glu, res in ((False, False, False), (True, False, False), (True, True, False), (False, False, True)):
+        lin = dk.random_linear(fmt, 2 * N if glu else N, K, 128, cuda)
+        x = torch.randn(M, K, device=cuda).bfloat16()
+        r = torch.randn(M, N, device=cuda).bfloat16() if res else None
+        out = torch.full((M, N), float("nan"), device=cuda, dtype=torch.bfloat16)
+        dk.fused_linear(x, lin, out=out, rms=rms, glu=glu, residual=r, eps=1e-5)
+        assert not out.isnan().any()
+        assert rel_err(out, dk.reference_linear(x, lin, rms, glu, r)) < KERNEL_BF16_REL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", [32, 128])
+def test_gpu_int4_gemv_every_tuner_config_odd_shape(G: int) -> None:
+    """Batch 1, every INT4 configuration bench/fast_decode.py may pick, N = 997 (a partial row
+    block), K = 640 (5 groups of 128 or 20 of 32)."""
+    bench = import_example(BENCH / "fast_decode.py")
+    torch.manual_seed(G)
+    N, K, cuda = 997, 640, torch.device("cuda")
+    for config in bench.GEMV_CANDIDATES["int4"]:
+        for rms, glu, res in ((True, True, False), (False, False, True)):
+            lin = dk.random_linear("int4", 2 * N if glu else N, K, G, cuda)
+            x = torch.randn(1, K, device=cuda).bfloat16()
+            r = torch.randn(1, N, device=cuda).bfloat16() if res else None
+            out = torch.full((1, N), float("nan"), device=cuda, dtype=torch.bfloat16)
+            dk.fused_linear(x, lin, out=out, rms=rms, glu=glu, residual=r, eps=1e-5, config=(1, *config))
+            assert rel_err(out, dk.reference_linear(x, lin, rms, glu, r)) < KERNEL_BF16_REL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 8])
+def test_gpu_tinygemm_equals_our_dequantized_reference(M: int) -> None:
+    """PyTorch's CUDA int4 kernel on fast_decode's q, scale, zero gives the dequantized reference."""
+    torch.manual_seed(M)
+    W = torch.randn(1000, 384, device="cuda") * 0.02
+    x = torch.randn(M, 384, device="cuda").bfloat16()
+    ref = x.float() @ fd.dequantize_int4(*fd.quantize_int4(W, 128)).t()
+    assert rel_err(fd.Int4Linear(W, 128)(x), ref) < KERNEL_BF16_REL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos", [0, 77, 200])
+def test_gpu_decode_attention_vs_reference(pos: int) -> None:
+    """RoPE + cache write + attention over slots 0..pos; NaN beyond pos changes nothing."""
+    torch.manual_seed(pos)
+    B, H, Hkv, D, S, cuda = 3, 8, 2, 64, 256, "cuda"
+    k = torch.randn(B, Hkv, S, D, device=cuda).bfloat16()
+    v = torch.randn(B, Hkv, S, D, device=cuda).bfloat16()
+    k[:, :, pos + 1:], v[:, :, pos + 1:] = float("nan"), float("nan")
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, device=cuda).bfloat16()
+    freqs = torch.outer(torch.arange(S).float(), 1e4 ** (-torch.arange(0, D, 2).float() / D))
+    cos, sin = torch.cat((freqs, freqs), -1).cos().to(cuda), torch.cat((freqs, freqs), -1).sin().to(cuda)
+    ref, ref_k, _ = dk.reference_attention(qkv, cos, sin, pos, k, v, H, Hkv)
+    out = torch.empty(B, H * D, device=cuda, dtype=torch.bfloat16)
+    dk.decode_attention(qkv, cos, sin, torch.tensor([pos], device=cuda), k, v, out, H, Hkv)
+    assert rel_err(k[:, :, pos], ref_k[:, :, pos]) < KERNEL_BF16_REL
+    assert rel_err(out, ref) < KERNEL_BF16_REL
