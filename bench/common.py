@@ -125,11 +125,18 @@ def model_path(name: str) -> str:
 
 
 def command_line() -> str:
-    """The command that made a results file, as a reader would type it from the repository root."""
+    """The command that made a results file, as a reader would type it from the repository root.
+
+    `--out DIR` is left out: where the files were written is not part of the measurement.
+    """
     script = Path(sys.argv[0]).resolve()
     with contextlib.suppress(ValueError):
         script = script.relative_to(REPO_ROOT)
-    return shlex.join(["python", str(script), *sys.argv[1:]])
+    args = sys.argv[1:]
+    if "--out" in args:
+        at = args.index("--out")
+        args = args[:at] + args[at + 2:]
+    return shlex.join(["python", str(script), *args])
 
 
 def load_script(path: Path) -> ModuleType:
