@@ -60,6 +60,9 @@ LLAMA3_8B: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 
+# The preset "model" that builds Llama-3-8B's shape with random weights instead of loading one.
+RANDOM_8B = "llama3-8b-random"
+
 # The offline corpus: Python's bundled pydoc topics joined in key order and cut at the first
 # paragraph break after 40 % of the characters. Calibration text is the first part, evaluation
 # text the rest, so the two never overlap.

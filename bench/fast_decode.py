@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (bench/ is not a package)
 
-RANDOM_8B = "llama3-8b-random"  # a preset "model" that builds Llama-3-8B's shape with random weights
 ALL_VARIANTS = ["hf_generate", "eager", "eager_int8", "eager_int4", "compiled",
                 "fused_bf16", "fused_int8", "fused_int4", "int4_tinygemm"]
 
@@ -77,7 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "about": "Llama-3-8B shape with random bf16 weights on one GPU: every variant at batch 1, 8 "
                  "and 32, prompt 128, 256 new tokens (32 for hf_generate / eager), median of 3, "
                  "INT4 group 128, tuned Triton launch configurations, profile of one fused_bf16 step",
-        "model": RANDOM_8B,
+        "model": common.RANDOM_8B,
         "device": "cuda",
         "dtype": "bfloat16",
         "threads": 0,
@@ -518,8 +517,8 @@ NAMES = {"zh": {"variant": "变体", "batch": "批大小", "tps": "解码词元/
 
 def caption(result: dict, lang: str) -> str:
     s = result["settings"]
-    model = "Llama-3-8B 形状,随机 bf16 权重" if s["model"] == RANDOM_8B and lang == "zh" else \
-        "Llama-3-8B shape, random bf16 weights" if s["model"] == RANDOM_8B else Path(s["model"]).name
+    model = "Llama-3-8B 形状,随机 bf16 权重" if s["model"] == common.RANDOM_8B and lang == "zh" else \
+        "Llama-3-8B shape, random bf16 weights" if s["model"] == common.RANDOM_8B else Path(s["model"]).name
     if lang == "zh":
         return (f"{model};{result['hardware']};复制带宽 {result['bandwidth_gbps']:.0f} GB/s(读 + 写);"
                 f"提示 {s['prompt_len']} 词元;{result['dtype']};INT4 分组 {s['group_size']}。"
@@ -630,7 +629,7 @@ def load_models(settings: dict, device, dtype):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    if settings["model"] == RANDOM_8B:
+    if settings["model"] == common.RANDOM_8B:
         hf = common.random_model(common.llama3_8b_config(**settings.get("shape", {})), device, dtype)
         tokenizer = None
     else:

@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
 
 STEM = "kv_cache_optimization"
-RANDOM_8B = "llama3-8b-random"  # a preset "model": Llama-3-8B's shape with random weights
 QUICK_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
 
@@ -63,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "about": "Llama-3-8B shape with random bf16 weights, eager, batch 1, one GPU: one step at "
                  "context 128..4096 with and without cache, median of 5 after 2 warm-ups; copy "
                  "bandwidth and the fraction of the roofline",
-        "model": RANDOM_8B,
+        "model": common.RANDOM_8B,
         "device": "cuda",
         "dtype": "bfloat16",
         "threads": 0,
@@ -110,7 +109,7 @@ def load_model(settings: dict, device, dtype):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    if settings["model"] == RANDOM_8B:
+    if settings["model"] == common.RANDOM_8B:
         config = common.llama3_8b_config(**settings.get("shape", {}))
         return common.random_model(config, device, dtype), None, "Llama-3-8B shape, random weights"
     try:
@@ -227,7 +226,7 @@ def caption(result: dict, lang: str) -> str:
     s = result["settings"]
     model = result["model"]
     if lang == "zh":
-        model = "Llama-3-8B 形状，随机权重" if s["model"] == RANDOM_8B else model
+        model = "Llama-3-8B 形状，随机权重" if s["model"] == common.RANDOM_8B else model
         return (f"{model}（{s['dtype']}，批大小 1），{result['hardware']}；复制带宽 "
                 f"{result['copy_bandwidth_gbs']:,.0f} GB/s（读 + 写）。命令：`{result['command']}`")
     return (f"{model} ({s['dtype']}, batch 1) on {result['hardware']}; copy bandwidth "

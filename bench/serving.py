@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
 
 SCRIPT = common.ACCEL / "examples" / "paged_attention.py"
-RANDOM_8B = "llama3-8b-random"  # the "model" of a preset that builds Llama-3-8B's shape at random
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -64,7 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "about": "Llama-3-8B shape with random bf16 weights on one GPU, 256 requests (prompt "
                  "32-512, output 32-256), at most 64 running, 8 GiB KV pool in blocks of 16; "
                  "padded batches of 64; 4 requests alone",
-        "model": RANDOM_8B,
+        "model": common.RANDOM_8B,
         "device": "cuda",
         "dtype": "bfloat16",
         "num_requests": 256,
@@ -142,7 +141,7 @@ def workload(settings: dict, vocab_size: int) -> tuple[list[list[int]], list[int
 
 
 def load_model(settings: dict, device, dtype):
-    if settings["model"] == RANDOM_8B:
+    if settings["model"] == common.RANDOM_8B:
         return common.random_model(common.llama3_8b_config(), device, dtype)
     from transformers import AutoModelForCausalLM
 
@@ -232,8 +231,8 @@ def run_methods(pa, model, prompts, new_tokens, settings, device, num_blocks) ->
 
 def tables(result: dict) -> dict[str, str]:
     s, w, m = result["settings"], result["workload"], result["memory"]
-    model = "Llama-3-8B 形状随机权重" if s["model"] == RANDOM_8B else Path(s["model"]).name
-    model_en = "Llama-3-8B shape, random weights" if s["model"] == RANDOM_8B else Path(s["model"]).name
+    model = "Llama-3-8B 形状随机权重" if s["model"] == common.RANDOM_8B else Path(s["model"]).name
+    model_en = "Llama-3-8B shape, random weights" if s["model"] == common.RANDOM_8B else Path(s["model"]).name
     caption = {
         "zh": f"{result['hardware']},{model}({s['dtype']});{w['requests']} 个请求,提示 "
               f"{s['prompt_len'][0]}–{s['prompt_len'][1]}、输出 {s['output_len'][0]}–{s['output_len'][1]} "

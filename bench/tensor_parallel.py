@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (bench/ is not a package)
 
-RANDOM_8B = "llama3-8b-random"  # the "model" of a preset that builds Llama-3-8B's shape at random
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -45,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "h200x2": {
         "about": "NEEDS 2 GPUs (refused with fewer): Llama-3-8B shape with random bf16 weights, NCCL "
                  "on 2 H200s, N = 1 and 2, batch 1 and 8, prompt 128, 256 new tokens, eager",
-        "model": RANDOM_8B,
+        "model": common.RANDOM_8B,
         "device": "cuda",
         "dtype": "bfloat16",
         "tp_sizes": [1, 2],
@@ -117,7 +116,7 @@ def rank_worker(rank: int, N: int, port: int, settings: dict[str, Any], queue) -
 
     device = TP.init_rank(rank, N, port, settings["device"])
     dtype = common.dtype_of(settings["dtype"])
-    if settings["model"] == RANDOM_8B:
+    if settings["model"] == common.RANDOM_8B:
         cfg = random_config()
         plan = TP.make_plan(cfg, rank, N)
         weights = random_shard(cfg, plan, dtype, device)
@@ -181,7 +180,7 @@ def rank_worker(rank: int, N: int, port: int, settings: dict[str, Any], queue) -
             "rank0_plan": {"query_heads": [plan.q.start, plan.q.stop], "kv_heads": [plan.kv.start, plan.kv.stop],
                            "mlp_channels": [plan.ffn.start, plan.ffn.stop]},
             # row 0's tokens, to compare across N (random weights: each rank draws its own shard)
-            "tokens": torch.cat(generated, dim=1)[0, :16].tolist() if settings["model"] != RANDOM_8B else None,
+            "tokens": torch.cat(generated, dim=1)[0, :16].tolist() if settings["model"] != common.RANDOM_8B else None,
         })
     if rank == 0:
         queue.put({"config": cfg._asdict(), "rows": rows})
@@ -206,7 +205,7 @@ def run_tp_size(N: int, settings: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def tables(result: dict[str, Any]) -> dict[str, str]:
     s = result["settings"]
-    name = "Llama-3-8B shape, random weights" if s["model"] == RANDOM_8B else Path(s["model"]).name
+    name = "Llama-3-8B shape, random weights" if s["model"] == common.RANDOM_8B else Path(s["model"]).name
     unit = {"zh": "GPU" if s["device"] == "cuda" else "进程", "en": "GPU" if s["device"] == "cuda" else "process"}
     backend = "NCCL" if s["device"] == "cuda" else "gloo"
     caption = {
@@ -291,7 +290,7 @@ def main(args) -> None:
             common.fail(f"preset {args.preset} needs {need} CUDA GPUs on one host and {have} "
                         f"{'is' if have == 1 else 'are'} visible: run it on a {need}-GPU machine, or use --preset cpu")
     folder = common.results_dir(args, common.ACCEL / "results")
-    if settings["model"] != RANDOM_8B:
+    if settings["model"] != common.RANDOM_8B:
         try:
             TP.resolve_model(settings["model"])
             for N in settings["tp_sizes"]:
