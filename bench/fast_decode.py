@@ -42,9 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (bench/ is not a package)
+import common  # bench/ is on sys.path: it is the folder of the script being run
 
 ALL_VARIANTS = ["hf_generate", "eager", "eager_int8", "eager_int4", "compiled",
                 "fused_bf16", "fused_int8", "fused_int4", "int4_tinygemm"]

@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (bench/ is not a package)
+import common  # bench/ is on sys.path: it is the folder of the script being run
 
 STEM = "flash_attention"
 

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (bench/ is not a package)
+import common  # bench/ is on sys.path: it is the folder of the script being run
 
 PRESETS = {
     "cpu": {

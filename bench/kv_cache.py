@@ -30,9 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (bench/ is not a package)
+import common  # bench/ is on sys.path: it is the folder of the script being run
 
 STEM = "kv_cache_optimization"
 QUICK_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

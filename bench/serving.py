@@ -25,14 +25,11 @@ Run: python bench/serving.py --preset cpu
 from __future__ import annotations
 
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (bench/ is not a package)
+import common  # bench/ is on sys.path: it is the folder of the script being run
 
 SCRIPT = common.ACCEL / "examples" / "paged_attention.py"
 

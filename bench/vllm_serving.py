@@ -23,14 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (bench/ is not a package)
+import common  # bench/ is on sys.path: it is the folder of the script being run
 
 EXAMPLES = common.ACCEL / "examples"
 
