@@ -1,8 +1,8 @@
 """Decode at the bandwidth limit: tokens/s, achieved GB/s and roofline fraction of every variant.
 
-Loads the two teaching scripts of inference/inference-acceleration/examples/: fast_decode.py (the
-compact decoder, static cache, generate, INT8/INT4 on PyTorch's kernels) and decode_kernels.py
-(the Triton GEMVs and decode attention), and assembles here what neither page holds: the fused
+Loads three teaching scripts of inference/inference-acceleration/examples/: fast_decode.py (the
+compact decoder, static cache, generate, INT8/INT4 on PyTorch's kernels), decode_kernels.py
+(the Triton GEMVs) and decode_attention.py (the Triton decode attention), and assembles here what no page holds: the fused
 whole decode step (five kernels per layer, norm weights folded into the next matrix, q/k/v and
 gate/up concatenated, the step recorded as one CUDA graph), the launch-configuration tuner, the
 timing, the roofline and the quality measurement. Variants:
@@ -101,6 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 EXAMPLES = common.ACCEL / "examples"
 fd = common.load_script(EXAMPLES / "fast_decode.py")
 dk = common.load_script(EXAMPLES / "decode_kernels.py")
+da = common.load_script(EXAMPLES / "decode_attention.py")
 
 
 def log(message: str) -> None:
@@ -216,7 +217,7 @@ class FusedDecoder:
         for lay, layer in zip(self.layers, m.layers):
             cache = layer.attention.kv_cache                                      # shared with prefill
             linear(self.h, lay["qkv"], self.qkv, rms=True, eps=eps)               # norm folded into W
-            dk.decode_attention(self.qkv, m.rope_cos, m.rope_sin, self.pos, cache.k, cache.v,
+            da.decode_attention(self.qkv, m.rope_cos, m.rope_sin, self.pos, cache.k, cache.v,
                                 self.attn, H, Hkv)
             linear(self.attn, lay["o"], self.h, residual=self.h)                  # h += attn Wo^T
             linear(self.h, lay["gate_up"], self.act, rms=True, glu=True, eps=eps)  # (B, F)
@@ -247,19 +248,17 @@ class FusedDecoder:
     # --8<-- [end:fused_step]
 
 
-# Launch-configuration candidates (BLOCK_N, BLOCK_K or INT4 groups per iteration, warps, stages),
-# timed on the real shapes by tune(): small BLOCK_N = many programs = more loads in flight; for
-# INT4 at batch 1, BLOCK_N = 32 x warps / 4 x r gives each thread r rows sharing its registers of x.
+# Launch-configuration candidates (BLOCK_N, BLOCK_K or INT4 groups per iteration, warps, stages,
+# split-K slices), timed on the real shapes by tune(); the lists hold the winners of a wider sweep
+# on the H200. INT4 at batch 1: many rows per thread (64-128 rows, 1-4 warps) reuse each x value
+# across rows, and split-K restores the programs that wide row blocks take away.
 GEMV_CANDIDATES = {
-    "bf16": [(2, 2048, 4, 2), (4, 1024, 4, 3), (4, 2048, 8, 2), (8, 512, 4, 3), (8, 1024, 4, 3),
-             (8, 1024, 8, 3), (16, 512, 4, 3), (16, 1024, 8, 3)],
-    "int8": [(2, 4096, 8, 2), (4, 2048, 4, 3), (4, 4096, 8, 2), (8, 1024, 4, 3), (8, 2048, 8, 3),
-             (16, 1024, 4, 3), (16, 2048, 8, 3)],
-    "int4": [(16, 8, 2, 1), (16, 16, 1, 1), (32, 8, 1, 1), (32, 16, 2, 1), (64, 8, 2, 1), (64, 8, 4, 1),
-             (128, 4, 4, 1), (128, 8, 8, 1)],
+    "bf16": [(4, 2048, 4, 3, 1), (8, 512, 4, 3, 1), (16, 512, 4, 3, 1), (4, 2048, 4, 3, 4)],
+    "int8": [(4, 2048, 4, 3, 1), (8, 512, 4, 3, 1), (8, 1024, 4, 3, 1), (16, 512, 4, 3, 1)],
+    "int4": [(32, 2, 1, 1, 8), (64, 1, 1, 1, 2), (128, 1, 2, 1, 2), (128, 1, 4, 1, 16), (128, 1, 4, 2, 16)],
 }
-GEMM_CANDIDATES = {"bf16": [(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3)],
-                   "int4": [(32, 1, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (128, 1, 8, 3)]}
+GEMM_CANDIDATES = {"bf16": [(32, 128, 4, 3, 1), (64, 128, 4, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 3, 1)],
+                   "int4": [(64, 2, 4, 3, 4), (64, 1, 4, 3, 8), (64, 1, 4, 2, 4), (128, 1, 8, 3, 8)]}
 
 
 def tune_linear(lin, M: int, rms: bool = False, glu: bool = False) -> dict:
