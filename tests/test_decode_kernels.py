@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import ACCEL_EXAMPLES, BENCH, assert_refusal, import_example, run_script
-from tolerances import KERNEL_BF16_REL, RTN_VS_LIBRARY_MISMATCHES, rel_err
+from tolerances import KERNEL_BF16_REL, LOGITS_FP32_REL, RTN_VS_LIBRARY_MISMATCHES, rel_err
 
 SCRIPT = ACCEL_EXAMPLES / "decode_kernels.py"
 dk = import_example(SCRIPT)
@@ -55,6 +55,37 @@ def test_reference_dequantization_equals_fast_decode() -> None:
     mismatches += int((dk.dequantize(dk.Linear("int8", q8, s8)) != fd.dequantize_int8(q8, s8, z8)).sum())
     assert mismatches <= RTN_VS_LIBRARY_MISMATCHES
 
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_llm_compressor_checkpoint_repacked_for_the_kernel(tiny_model: Path, tmp_path: Path,
+                                                           symmetric: bool) -> None:
+    """A W4A16 checkpoint written by llm-compressor (compressed-tensors pack-quantized, group 32,
+    symmetric or with zero points), every layer repacked into the kernel's strips: the model
+    with our dequantized weights gives the logits of the model transformers loads from the file."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    G, load = 32, lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": G}
+    model = load(tiny_model)
+    oneshot(model=model, recipe=QuantizationModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"]))
+    model.save_pretrained(tmp_path, save_compressed=True)
+    tensors = load_file(next(tmp_path.glob("*.safetensors")))
+    ours = load(tiny_model)
+    layers = [k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed")]
+    assert len(layers) == 2 * 7                                        # q k v o gate up down
+    for name in layers:
+        lin = dk.from_compressed_tensors(
+            {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}, G)
+        ours.get_submodule(name).weight.data = dk.dequantize(lin).bfloat16()
+    ids = torch.randint(0, 200, (1, 24))
+    with torch.no_grad():
+        library, mine = load(tmp_path)(ids).logits.float(), ours(ids).logits.float()
+    assert rel_err(mine, library) < LOGITS_FP32_REL
 
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -98,6 +129,26 @@ def test_interpreted_linear_kernels(fmt, M, rms, glu, res, groups, G, split) -> 
         assert not out.isnan().any()
         assert rel_err(out, dk.reference_linear(x, lin, rms, glu, r)) < KERNEL_BF16_REL
         assert all(not ws.any() and not cnt.any() for ws, cnt in lin.scratch.values())
+
+
+@interpreted
+def test_interpreted_int4_kernel_on_a_compressed_tensors_layer() -> None:
+    """Codes and zero points packed by compressed-tensors itself, repacked, through the kernel."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    torch.manual_seed(0)
+    N, K, G = 40, 256, 64
+    codes = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+    zp = torch.randint(-8, 8, (N, K // G), dtype=torch.int8)
+    scale = (torch.rand(N, K // G) * 1e-2).bfloat16()
+    lin = dk.from_compressed_tensors({"weight_packed": pack_to_int32(codes, 4), "weight_scale": scale,
+                                      "weight_zero_point": pack_to_int32(zp, 4, packed_dim=0),
+                                      "weight_shape": torch.tensor([N, K])}, G)
+    W = (codes.float() - zp.float().repeat_interleave(G, 1)) * scale.float().repeat_interleave(G, 1)
+    assert torch.equal(dk.dequantize(lin), W)
+    x = torch.randn(1, K).bfloat16()
+    out = dk.fused_linear(x, lin, config=(1, 16, 2, 4, 1, 2))
+    assert rel_err(out, x.float() @ W.t()) < KERNEL_BF16_REL
 
 
 def test_script_prints_the_references_on_the_cpu(tiny_model: Path) -> None:

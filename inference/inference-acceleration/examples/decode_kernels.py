@@ -79,6 +79,31 @@ def pack_int4(q: torch.Tensor, group: int) -> torch.Tensor:
 # --8<-- [end:packing]
 
 
+# --8<-- [start:repack]
+def unpack_sequential(words: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, n/8) int32 -> (R, n) in [0, 15]: element k at bits 4 (k mod 8) of word k / 8."""
+    shifts = 4 * torch.arange(8, device=words.device)
+    return ((words.to(torch.int64)[..., None] >> shifts) & 15).reshape(words.shape[0], n)
+
+
+def from_compressed_tensors(tensors: dict[str, torch.Tensor], group: int) -> Linear:
+    """An INT4 layer as llm-compressor saves it (compressed-tensors "pack-quantized", the format
+    of its GPTQ, AWQ and W4A16 recipes), repacked into the kernel's strips. There, signed codes
+    c in [-8, 7] are stored as c + 8, eight to an int32 word in order (weight_packed (N, K/8));
+    W = (c - zp) s with weight_scale (N, K/G) and weight_zero_point packed along N the same way
+    (absent when symmetric: zp = 0). Here W = (q - z) s with q = c + 8 and z = zp + 8."""
+    N, K = (int(v) for v in tensors["weight_shape"])
+    q = unpack_sequential(tensors["weight_packed"], K)                     # (N, K) = c + 8
+    scale = tensors["weight_scale"].to(torch.bfloat16)                      # (N, K/G)
+    if "weight_zero_point" in tensors:                                      # (N/8, K/G) packed
+        zero = unpack_sequential(tensors["weight_zero_point"].t().contiguous(), N).t()
+    else:
+        zero = torch.full_like(scale, 8)
+    return Linear("int4", pack_int4(q.to(torch.uint8), group), scale.t().contiguous(),
+                  zero.t().to(torch.bfloat16).contiguous(), group)
+# --8<-- [end:repack]
+
+
 # Slow references: plain PyTorch, fp32
 def dequantize(lin: Linear) -> torch.Tensor:
     """The weight (N, K) in fp32: W = q s (int8), W = (q - z) s per group (int4)."""
