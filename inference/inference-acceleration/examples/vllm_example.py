@@ -88,11 +88,11 @@ def build_llm(model: str, dtype: str, seed: int, max_model_len: int = 1024,
     VLLM_CPU_KVCACHE_SPACE GiB (set before this call)."""
     from vllm import LLM
 
-    return LLM(model=model,              # a compressed-tensors folder is read from its config
+    return LLM(model=model,      # a compressed-tensors folder is read from its config
                dtype=dtype, seed=seed,
-               max_model_len=max_model_len,    # longest prompt + output of one request
-               max_num_seqs=max_num_seqs,      # most sequences decoded in one step
-               enforce_eager=True)             # no graph capture / compile: a faster start
+               max_model_len=max_model_len,  # longest prompt + output of one request
+               max_num_seqs=max_num_seqs,    # most sequences decoded in one step
+               enforce_eager=True)  # no graph capture / compile: a faster start
 
 
 def generate_list(llm, prompts: list, params) -> tuple[list, float]:
@@ -103,7 +103,7 @@ def generate_list(llm, prompts: list, params) -> tuple[list, float]:
 
 
 def generate_loop(llm, prompts: list, params) -> tuple[list, float]:
-    """The common mistake: one call per prompt; each call runs a batch of one to the end."""
+    """The common mistake: one call per prompt, each a batch of one run to the end."""
     start = time.perf_counter()
     outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
     return outputs, time.perf_counter() - start
@@ -113,12 +113,13 @@ def generate_loop(llm, prompts: list, params) -> tuple[list, float]:
 # --8<-- [start:kv_check]
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     """K and V of every layer for one token: 2 x layers x Hkv x D x bytes."""
-    D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = config.num_attention_heads
+    D = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * D * dtype_bytes
 
 
 def kv_cache_check(llm, config, dtype_bytes: int, pool_gib: int | None) -> dict:
-    """vLLM's reported KV capacity against the calculator's prediction for the same bytes."""
+    """vLLM's reported KV capacity against the calculator's prediction, same bytes."""
     cache_config = llm.llm_engine.vllm_config.cache_config
     block_size, blocks = cache_config.block_size, cache_config.num_gpu_blocks
     per_token = kv_bytes_per_token(config, dtype_bytes)

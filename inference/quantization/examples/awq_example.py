@@ -167,13 +167,13 @@ def group_inputs(layer: nn.Module, groups: list[ScaleGroup], hidden, kwargs) -> 
 @torch.no_grad()
 def awq_search(X: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int,
                sym: bool, n_grid: int = 20, n_tokens: int = 2048):
-    """Per-input-channel scales s (K,) for linears W_k (N_k, K) sharing the input X (n, K).
+    """Per-input-channel scales s (K,) for linears W_k (N_k, K) sharing an input X (n, K).
 
     s_X = mean_t |X_tj| is how much input channel j carries. For alpha = 0, 1/n_grid, ...:
         s = s_X^alpha / sqrt(max(s_X^alpha) · min(s_X^alpha))     (centred near 1)
         loss(alpha) = Σ_k mean_t || X W_kᵀ − (X / s) Q(W_k · s)ᵀ ||²
-    Salient channels get s > 1, so their relative rounding error shrinks. alpha = 0 is RTN:
-    the best loss is never worse than RTN's. Returns (s, best alpha, best loss, RTN loss).
+    Salient channels get s > 1: their relative rounding error shrinks. alpha = 0 is RTN,
+    so the best loss never exceeds RTN's. Returns (s, best alpha, best loss, RTN loss).
     """
     s_X = X.abs().mean(dim=0)  # (K,)
     Xs = X[:: max(1, len(X) // n_tokens)][:n_tokens]  # (n, K): an even subsample
@@ -193,16 +193,15 @@ def awq_search(X: torch.Tensor, weights: list[torch.Tensor], bits: int, group_si
 # --8<-- [start:awq_apply]
 @torch.no_grad()
 def awq_apply(group: ScaleGroup, s: torch.Tensor) -> None:
-    """W ← W · diag(s) for the group's linears, and the producer of their input ← output / s.
+    """W ← W · diag(s) for the group's linears; the producer of their input ← output / s.
 
-    y = W x = (W diag(s)) (diag(1/s) x): the FP model computes exactly the same function, but
-    the weights that get rounded now have the salient input channels enlarged.
-    """
+    y = W x = (W diag(s)) (diag(1/s) x): the FP model computes the same function, but the
+    rounded weights now have the salient input channels enlarged."""
     for linear in group.linears.values():
         linear.weight.mul_(s.to(linear.weight))  # (N, K) · (K,): column j times s_j
     prev = group.prev
     if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.to(prev.weight).unsqueeze(1))  # (K, K_prev): row j divided by s_j
+        prev.weight.div_(s.to(prev.weight).unsqueeze(1))  # (K, K_prev): row j / s_j
         if prev.bias is not None:
             prev.bias.div_(s.to(prev.bias))
     else:  # RMSNorm: y = weight ⊙ x / rms(x), so dividing its weight divides its output
@@ -212,17 +211,18 @@ def awq_apply(group: ScaleGroup, s: torch.Tensor) -> None:
 
 # --8<-- [start:awq_clip]
 @torch.no_grad()
-def awq_clip(W: torch.Tensor, X: torch.Tensor, bits: int, group_size: int, sym: bool,
-             n_grid: int = 20, max_shrink: float = 0.5, n_tokens: int = 512) -> torch.Tensor:
-    """Shrink each group's range to r · [min, max] (r from 1 down to 1 − max_shrink) where that
-    lowers its output error Σ_t (x_t,g · (w_g − Q(clamp(w_g)))ᵀ)² on calibration tokens: an
-    outlier weight then stops stretching its group's grid. W (N, K), X (n, K) -> clipped W."""
+def awq_clip(W: torch.Tensor, X: torch.Tensor, bits: int, group_size: int,
+             sym: bool, n_grid: int = 20, max_shrink: float = 0.5,
+             n_tokens: int = 512) -> torch.Tensor:
+    """Shrink each group's range to r · [min, max] (r from 1 to 1 − max_shrink) where it
+    lowers the output error Σ_t (x_t,g · (w_g − Q(clamp(w_g)))ᵀ)² on calibration tokens:
+    an outlier then stops stretching its group's grid. W (N, K), X (n, K) -> clipped W."""
     N, K = W.shape
     G = K if group_size == -1 else group_size
     Xg = X[:: max(1, len(X) // n_tokens)][:n_tokens].reshape(-1, K // G, G)  # (n, K/G, G)
     Wg = W.reshape(N, K // G, G)  # (N, K/G, G)
     ref = torch.einsum("ngk,ogk->nog", Xg, Wg)  # per-group partial outputs, (n, N, K/G)
-    hi = Wg.abs().amax(-1, keepdim=True) if sym else Wg.amax(-1, keepdim=True)  # (N, K/G, 1)
+    hi = (Wg.abs() if sym else Wg).amax(-1, keepdim=True)  # (N, K/G, 1)
     lo = -hi if sym else Wg.amin(-1, keepdim=True)
     best_err, best_r = torch.full_like(hi, float("inf")), torch.ones_like(hi)
     for r in [1 - i / n_grid for i in range(int(max_shrink * n_grid))]:
@@ -274,9 +274,9 @@ def awq_model(model: nn.Module, calib: torch.Tensor, bits: int, group_size: int,
 def allow_cpu_only_awq() -> None:
     """Workaround for llm-compressor 0.14 on a CPU-only torch.
 
-    AWQModifier pins its cached activations (`IntermediatesCache.pin_memory`) to speed up
-    copies to the GPU; pinning needs an accelerator and fails with "Cannot access accelerator
-    device when none is available". Without one there is no copy to speed up: skip pinning.
+    AWQModifier pins its cached activations (`IntermediatesCache.pin_memory`) to speed
+    up copies to the GPU; pinning needs an accelerator and fails with "Cannot access
+    accelerator device when none is available". With no GPU there is nothing to speed up.
     """
     if torch.accelerator.is_available():
         return
@@ -299,8 +299,8 @@ def llmcompressor_awq(model: nn.Module, tokenizer, calib: torch.Tensor, bits: in
 
     allow_cpu_only_awq()
     weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "channel"}
-    weights.update({} if group_size == -1 else {"strategy": "group", "group_size": group_size})
-    recipe = [AWQModifier(n_grid=20),  # mappings (norm -> q/k/v, ...) from the architecture
+    weights |= {"strategy": "group", "group_size": group_size} if group_size != -1 else {}
+    recipe = [AWQModifier(n_grid=20),  # mappings (norm -> q/k/v, ...) from the model
               QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"],
                                                               "weights": weights}},
                                    ignore=["lm_head"])]

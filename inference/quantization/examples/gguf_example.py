@@ -62,7 +62,7 @@ def quantize_q8_0(W: torch.Tensor):
         d = max|w| / 127          (stored as FP16)
         q = round(w / d)          int8 in [-127, 127], ties away from zero
         bytes per block = 2 + 32 = 34, so 34·8/32 = 8.5 bits per weight
-    W: (N, K), K a multiple of 32. Returns q (N, K/32, 32) int8, scale (N, K/32, 1), zero = 0.
+    W (N, K), K a multiple of 32 -> q (N, K/32, 32) int8, scale (N, K/32, 1), zero = 0.
     """
     Wb = W.float().reshape(W.shape[0], -1, BLOCK)  # (N, K/32, 32)
     d = Wb.abs().amax(dim=-1, keepdim=True) / 127  # (N, K/32, 1)
@@ -86,7 +86,7 @@ def quantize_q4_0(W: torch.Tensor):
         q = min(15, trunc(w / d + 8.5))   an unsigned 4-bit code; the implicit zero is 8
         w_hat = d · (q - 8)
         bytes per block = 2 + 16 = 18, so 4.5 bits per weight
-    Dividing by -8 (not by 7) puts the largest-magnitude weight exactly on level -8, so all
+    Dividing by -8 (not 7) puts the largest-magnitude weight exactly on level -8, so all
     16 levels are usable. Returns q (N, K/32, 32) uint8, scale (N, K/32, 1), zero = 8.
     """
     Wb = W.float().reshape(W.shape[0], -1, BLOCK)  # (N, K/32, 32)
@@ -98,7 +98,8 @@ def quantize_q4_0(W: torch.Tensor):
     return q, d.half().float(), torch.full_like(d, 8.0)
 
 
-def dequantize_q4_0(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize_q4_0(q: torch.Tensor, scale: torch.Tensor,
+                    zero: torch.Tensor) -> torch.Tensor:
     """w_hat = d · (q - 8), returned as (N, K)."""
     return ((q.float() - zero) * scale).flatten(1)
 # --8<-- [end:q4_0]
@@ -134,18 +135,19 @@ SCRATCH = {"Q8_0": (quantize_q8_0, dequantize_q8_0), "Q4_0": (quantize_q4_0, deq
 # --8<-- [start:block_bytes]
 def to_block_bytes(qtype: str, q: torch.Tensor, scale: torch.Tensor,
                    zero: torch.Tensor) -> np.ndarray:
-    """Lay (q, scale, zero) out as ggml stores the blocks: (N, K/32 · bytes per block) uint8.
+    """(q, scale, zero) laid out as ggml stores blocks: (N, K/32 · block bytes) uint8.
 
         Q8_0: d (FP16, 2 bytes) | 32 int8 codes
-        Q4_0: d (FP16)          | 16 bytes: code j in the low nibble, code j + 16 in the high one
+        Q4_0: d (FP16)          | 16 bytes: code j in the low nibble, j + 16 in the high
         Q4_1: d (FP16) | m (FP16) | 16 bytes of nibbles as in Q4_0
     """
     d = scale.half().numpy().view(np.uint8)  # (N, K/32, 2), little-endian FP16
     if qtype == "Q8_0":
-        return np.concatenate([d, q.numpy().view(np.uint8)], axis=-1).reshape(q.shape[0], -1)
+        return np.concatenate([d, q.numpy().view(np.uint8)], -1).reshape(len(q), -1)
     codes = q.numpy().astype(np.uint8)  # (N, K/32, 32), values 0..15
     nibbles = codes[..., :16] | (codes[..., 16:] << 4)  # (N, K/32, 16)
-    parts = [d, nibbles] if qtype == "Q4_0" else [d, zero.half().numpy().view(np.uint8), nibbles]
+    m = zero.half().numpy().view(np.uint8)  # Q4_1's FP16 offset
+    parts = [d, nibbles] if qtype == "Q4_0" else [d, m, nibbles]
     return np.concatenate(parts, axis=-1).reshape(q.shape[0], -1)
 # --8<-- [end:block_bytes]
 
@@ -154,16 +156,16 @@ def to_block_bytes(qtype: str, q: torch.Tensor, scale: torch.Tensor,
 def permute_for_rope(W: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder q/k rows from transformers' RoPE layout to llama.cpp's.
 
-    transformers rotates the two halves of each head's dimensions ([x0..x31 | x32..x63] pairs
-    x_i with x_{i+32}); llama.cpp rotates neighbours (x0 with x1). Same model, different row
-    order: per head, interleave the two halves. transformers undoes this when it loads a GGUF.
+    transformers rotates the two halves of each head's dimensions (x_i with x_{i+32} in a
+    64-wide head); llama.cpp rotates neighbours (x0 with x1). Same model, other row order:
+    per head, interleave the two halves. transformers undoes this when it loads a GGUF.
     """
     D2 = W.shape[0] // n_head // 2
     return W.reshape(n_head, 2, D2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
 
 
 def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, np.ndarray]]:
-    """(GGUF name, FP32 array) for every weight, named the way convert_hf_to_gguf.py names them."""
+    """(GGUF name, FP32 array) per weight, named as convert_hf_to_gguf.py does."""
     import gguf
 
     config = model.config
@@ -174,7 +176,7 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, np.ndarray]]:
             continue  # tied: llama.cpp reuses token_embd as the output matrix
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise Refusal(f"no GGUF name for tensor {hf_name!r}: use a Llama-architecture model")
+            raise Refusal(f"no GGUF name for {hf_name!r}: use a Llama-architecture model")
         W = tensor.detach().float().cpu().numpy()
         if name.endswith("attn_q.weight"):
             W = permute_for_rope(W, config.num_attention_heads)
@@ -187,9 +189,9 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, np.ndarray]]:
 def tensor_qtype(name: str, W: np.ndarray, qtype: str) -> str:
     """Which GGML type a tensor is stored in, for a file whose main type is `qtype`.
 
-    Norms (1-D) stay F32; rows not a multiple of 32 cannot form blocks and fall back to F16.
-    The token embedding stays Q8_0 in a 4-bit file: tied, it is also the output head, the most
-    sensitive matrix (the SmolLM2 Q4_1 file this tutorial starts from keeps it in Q8_0 too).
+    Norms (1-D) stay F32; rows not a multiple of 32 cannot form blocks: they fall to F16.
+    The token embedding stays Q8_0 in a 4-bit file: tied, it is also the output head, the
+    most sensitive matrix (the SmolLM2 Q4_1 file we start from keeps it in Q8_0 too).
     """
     if W.ndim == 1:
         return "F32"
@@ -222,7 +224,7 @@ def add_metadata(writer, config, tokenizer, qtype: str, tokenizer_pre: str) -> N
     writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    # Tokenizer: byte-level BPE is llama.cpp's "gpt2" model; `pre` names its pre-split regex.
+    # Tokenizer: byte-level BPE is llama.cpp's "gpt2" model; `pre` names its split regex.
     special = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
     tokens = [f"[PAD{i}]" for i in range(config.vocab_size)]
     types = [gguf.TokenType.UNUSED] * config.vocab_size
@@ -241,7 +243,7 @@ def add_metadata(writer, config, tokenizer, qtype: str, tokenizer_pre: str) -> N
     for key, token_id in special_ids.items():
         if token_id is not None:
             getattr(writer, f"add_{key}_token_id")(int(token_id))
-    ids = tokenizer("a")["input_ids"]  # does the tokenizer put BOS in front? tell llama.cpp
+    ids = tokenizer("a")["input_ids"]  # BOS in front? tell llama.cpp
     writer.add_add_bos_token(len(ids) > 1 and ids[0] == tokenizer.bos_token_id)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
@@ -251,7 +253,7 @@ def add_metadata(writer, config, tokenizer, qtype: str, tokenizer_pre: str) -> N
 # --8<-- [start:write_gguf]
 def write_gguf(path: Path, tensors: list[tuple[str, np.ndarray]], qtype: str, header,
                quiet: bool) -> dict[str, np.ndarray]:
-    """Quantize every tensor with gguf-py and write the file; return what each one decodes to."""
+    """Quantize every tensor with gguf-py, write the file; return what each decodes to."""
     import gguf
 
     writer = gguf.GGUFWriter(path, arch="llama")
@@ -259,7 +261,7 @@ def write_gguf(path: Path, tensors: list[tuple[str, np.ndarray]], qtype: str, he
     expected = {}
     for name, W in tensors:
         ggml_type = gguf.GGMLQuantizationType[tensor_qtype(name, W, qtype)]
-        data = gguf.quants.quantize(W, ggml_type)  # uint8 blocks (N, K/32·bytes), or F16/F32
+        data = gguf.quants.quantize(W, ggml_type)  # uint8 blocks, or F16/F32
         writer.add_tensor(name, data, raw_dtype=ggml_type)
         expected[name] = gguf.quants.dequantize(data, ggml_type).reshape(W.shape)
     writer.write_header_to_file()
@@ -319,7 +321,7 @@ def load_gguf_in_transformers(path: Path, device: torch.device, quiet: bool = Tr
 # --8<-- [start:quality]
 @torch.no_grad()
 def next_token_agreement(reference, candidate, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per position of a window ids (1, T+1): NLL of both, KL(P_ref ‖ P_q), top-1 match."""
+    """Per position of ids (1, T+1): NLL of both, KL(P_ref ‖ P_q), top-1 match."""
     x, y = ids[:, :-1], ids[0, 1:]  # (1, T), (T,)
     ref = torch.log_softmax(reference(x).logits[0].float(), dim=-1)  # (T, V)
     logq = torch.log_softmax(candidate(x).logits[0].float(), dim=-1)  # (T, V)
@@ -384,8 +386,7 @@ def load_model(name: str, device: torch.device):
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise Refusal(f"cannot load model {name!r} ({first}): "
-                      "pass a hub id or a local folder") from None
+        raise Refusal(f"cannot load model {name!r} ({first}): pass a hub id or a local folder") from None
     if model.config.model_type != "llama":
         raise Refusal(f"{name!r} is {model.config.model_type!r}: use a Llama-architecture model")
     return model, tokenizer
@@ -413,7 +414,6 @@ def main(args: argparse.Namespace) -> list[dict]:
     tensors = gguf_tensors(model)
     n_params = sum(W.size for _, W in tensors)
     from pydoc_data.topics import topics  # text for the KL / top-1 check: Python's own help
-
     text = "\n\n".join(topics[key] for key in ("assignment", "class", "for", "function"))
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : args.eval_tokens + 1].to(device)
     rows = []

@@ -143,11 +143,12 @@ def quantize_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     H = 2 X Xᵀ / n (K, K). For column i, with d = Hinv[i, i] and q = quant(W[:, i]):
         Err1[:, i] = (W[:, i] − q) / d
         W[:, j]   −= Err1[:, i] · Hinv[i, j]     for every later column j
-    where Hinv is the upper Cholesky factor of H⁻¹ (its rows are the H⁻¹ rows needed in turn).
-    Damping H += damp · mean(diag H) · I keeps the factorisation stable. Lazy batches: inside a
-    block of `block_size` columns the update touches only the block; the block's Err1 updates
-    all later columns in one matmul. act_order: columns with the largest diag(H) go first, with
-    group scales fixed from W up front ("static groups"), so no permutation is stored.
+    where Hinv is the upper Cholesky factor of H⁻¹ (its rows are the H⁻¹ rows needed in
+    turn). Damping H += damp · mean(diag H) · I keeps the factorisation stable. Lazy
+    batches: inside a block of `block_size` columns the update touches only the block; the
+    block's Err1 updates all later columns in one matmul. act_order: columns with the
+    largest diag(H) go first, with group scales fixed from W up front ("static groups"),
+    so no permutation is stored.
     Returns Q (N, K) integer codes, scale and zero (N, K // G), as quantize_rtn.
     """
     W, H = W.clone().float(), H.clone().float()
@@ -156,13 +157,14 @@ def quantize_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     dead = torch.diag(H) == 0  # inputs that were always 0: any weight is exact there
     H[dead, dead] = 1
     W[:, dead] = 0
-    scale, zero = (t[..., 0] for t in grid(W.reshape(N, K // G, G), bits, sym))  # (N, K/G)
+    scale, zero = (t[..., 0] for t in grid(W.reshape(N, K // G, G), bits, sym))
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
     W, H = W[:, perm].T.contiguous(), H[perm][:, perm]  # (K, N): row i is column perm[i]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(K)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    S, Z = scale.T[perm // G].contiguous(), zero.T[perm // G].contiguous()  # (K, N) per column
+    H_inverse = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    Hinv = torch.linalg.cholesky(H_inverse, upper=True)
+    S, Z = scale.T[perm // G].contiguous(), zero.T[perm // G].contiguous()  # (K, N)
 
     Q = torch.zeros_like(W)
     for i1 in range(0, K, block_size):
@@ -170,14 +172,15 @@ def quantize_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
         W1, Hinv1 = W[i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            if not act_order and G < K and (i1 + i) % G == 0:  # a group starts: its scales
-                s, z = grid(torch.cat([W1[i:], W[i2:]])[:G].T, bits, sym)  # from updated W
+            if not act_order and G < K and (i1 + i) % G == 0:
+                # a group starts: its scales come from the updated W
+                s, z = grid(torch.cat([W1[i:], W[i2:]])[:G].T, bits, sym)
                 S[i1 + i:i1 + i + G], Z[i1 + i:i1 + i + G] = s.T, z.T
                 scale[:, (i1 + i) // G], zero[:, (i1 + i) // G] = s[:, 0], z[:, 0]
             w, s, z = W1[i], S[i1 + i], Z[i1 + i]  # (N,) each
             Q[i1 + i] = q = (w / s).round_().add_(z).clamp_(0, 2**bits - 1)
             torch.div(w - s * (q - z), Hinv1[i, i], out=Err1[i])
-            W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)  # W1[j] -= Hinv1[i, j] · Err1[i]
+            W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)  # W1[j] -= Hinv1[i,j]·Err1[i]
         W[i2:] -= Hinv[i1:i2, i2:].T @ Err1  # lazy update of every later column
     return Q.T[:, torch.argsort(perm)], scale, zero
 # --8<-- [end:gptq_core]
@@ -190,8 +193,9 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture_layer0_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int = 8):
-    """What decoder layer 0 receives for each calibration batch: hidden states (B, T, D) and
-    the keyword arguments (rotary embeddings, mask...), so layers can then run one at a time."""
+    """What decoder layer 0 receives for each calibration batch: hidden states (B, T, D)
+    and the keyword arguments (rotary embeddings, mask...), so that the layers can then
+    run one at a time."""
     hidden, kwargs = [], []
 
     def hook(_module, args, layer_kwargs):
@@ -213,8 +217,9 @@ def capture_layer0_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int
 
 
 @torch.no_grad()
-def layer_hessians(layer: nn.Module, hidden: list, kwargs: list) -> dict[str, torch.Tensor]:
-    """H = 2 X Xᵀ / n (K, K) of every linear in one decoder layer, from hooks on its inputs."""
+def layer_hessians(layer: nn.Module, hidden: list,
+                   kwargs: list) -> dict[str, torch.Tensor]:
+    """H = 2 X Xᵀ / n (K, K) of every linear in one decoder layer, from input hooks."""
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
     H = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
     seen = dict.fromkeys(linears, 0)
@@ -227,7 +232,8 @@ def layer_hessians(layer: nn.Module, hidden: list, kwargs: list) -> dict[str, to
             H[name] += (2 / seen[name]) * (X.T @ X)
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in linears.items()]
+    handles = [m.register_forward_pre_hook(make_hook(name))
+               for name, m in linears.items()]
     try:
         for h, kw in zip(hidden, kwargs):
             layer(h, **kw)
@@ -273,8 +279,9 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, bits: int, group_size: int
 # --- The library: llm-compressor -------------------------------------------------------------
 # --8<-- [start:llmcompressor_gptq]
 def llmcompressor_gptq(model: nn.Module, tokenizer, calib: torch.Tensor, bits: int,
-                       group_size: int, sym: bool, act_order: bool, save_dir: Path) -> nn.Module:
-    """GPTQModifier on every Linear but lm_head; save a compressed-tensors checkpoint, reload."""
+                       group_size: int, sym: bool, act_order: bool,
+                       save_dir: Path) -> nn.Module:
+    """GPTQModifier on every Linear but lm_head; saved as compressed-tensors, reloaded."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
@@ -285,7 +292,7 @@ def llmcompressor_gptq(model: nn.Module, tokenizer, calib: torch.Tensor, bits: i
     recipe = GPTQModifier(
         config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
         ignore=["lm_head"],  # the output layer stays in full precision
-        actorder="static" if act_order else None,  # static: act-order with fixed groups, as ours
+        actorder="static" if act_order else None,  # static: fixed groups, as ours
         dampening_frac=0.01, block_size=128)
     data = Dataset.from_dict({"input_ids": calib.tolist(),
                               "attention_mask": torch.ones_like(calib).tolist()})

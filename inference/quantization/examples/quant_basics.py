@@ -53,7 +53,8 @@ def group_view(W: torch.Tensor, group_size: int) -> torch.Tensor:
     N, K = W.shape
     G = K if group_size == -1 else group_size
     if K % G != 0:
-        raise ValueError(f"group size {G} does not divide the {K} input features of a {N}x{K} weight")
+        raise ValueError(
+            f"group size {G} does not divide the {K} input features of a {N}x{K} weight")
     return W.reshape(N, K // G, G)  # (N, K/G, G)
 # --8<-- [end:groups]
 
@@ -74,12 +75,14 @@ def quantize_absmax(W: torch.Tensor, bits: int, group_size: int):
     Wg = group_view(W, group_size)  # (N, K/G, G)
     qmax = 2 ** (bits - 1) - 1
     scale = Wg.abs().amax(dim=-1, keepdim=True) / qmax  # (N, K/G, 1)
-    scale = scale.half().float().clamp(min=2**-24)  # stored in FP16; guards all-zero groups
+    # stored in FP16; the clamp guards all-zero groups
+    scale = scale.half().float().clamp(min=2**-24)
     q = torch.clamp(torch.round(Wg / scale), -qmax, qmax).to(torch.int8)
     return q, scale, torch.zeros_like(scale)
 
 
-def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor,
+                      zero: torch.Tensor) -> torch.Tensor:
     """w_hat = scale · q, returned as (N, K)."""
     return (q.float() * scale).flatten(1)
 # --8<-- [end:absmax]
@@ -87,15 +90,18 @@ def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
 
 # --8<-- [start:zeropoint]
 def quantize_zeropoint(W: torch.Tensor, bits: int, group_size: int):
-    """Asymmetric round-to-nearest with an integer zero-point (GPTQ, AWQ, compressed-tensors).
+    """Asymmetric round-to-nearest with an integer zero-point.
+
+    Used by GPTQ, AWQ and compressed-tensors.
 
         scale = (max(w) - min(w)) / (2^b - 1)    stored in FP16
-        zero  = round(-min(w) / scale)           an integer in [0, 2^b - 1], stored in b bits
+        zero  = round(-min(w) / scale)           in [0, 2^b - 1], stored in b bits
         q     = clamp(round(w / scale + zero), 0, 2^b - 1)
 
-    The grid covers [min, max] of each group, so all 2^b levels are used; because zero is an
-    integer, the real value 0 is exactly on the grid (padding and ReLU zeros stay exact).
-    The order of the steps is compressed-tensors' (the tests compare the codes bit for bit).
+    The grid covers [min, max] of each group, so all 2^b levels are used; because zero
+    is an integer, the real value 0 is exactly on the grid (padding and ReLU zeros stay
+    exact). The order of the steps is compressed-tensors' (the tests compare the codes
+    bit for bit).
     """
     Wg = group_view(W, group_size)  # (N, K/G, G)
     qmax = 2**bits - 1
@@ -108,7 +114,8 @@ def quantize_zeropoint(W: torch.Tensor, bits: int, group_size: int):
     return q, scale, zero
 
 
-def dequantize_zeropoint(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize_zeropoint(q: torch.Tensor, scale: torch.Tensor,
+                         zero: torch.Tensor) -> torch.Tensor:
     """w_hat = scale · (q - zero), returned as (N, K)."""
     return ((q.float() - zero) * scale).flatten(1)
 # --8<-- [end:zeropoint]
@@ -116,15 +123,18 @@ def dequantize_zeropoint(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 # --8<-- [start:minscale]
 def quantize_minscale(W: torch.Tensor, bits: int, group_size: int):
-    """Asymmetric round-to-nearest with a real-valued offset (llama.cpp's Q4_1 and k-quants).
+    """Asymmetric round-to-nearest with a real-valued offset.
+
+    This is llama.cpp's Q4_1 and its k-quants.
 
         scale = (max(w) - min(w)) / (2^b - 1)    stored in FP16
         m     = min(w)                           stored in FP16 in the zero slot
         q     = clamp(trunc((w - m) / scale + 1/2), 0, 2^b - 1)
 
-    Unlike the integer zero-point, the offset m can be any number: the grid's lowest level is
-    the group's minimum itself, and 0 is usually not on the grid. The arithmetic is ggml's
-    (a multiply by 1/scale, rounding by truncation of x + 1/2): at b = 4, G = 32 this is Q4_1.
+    Unlike the integer zero-point, the offset m can be any number: the grid's lowest
+    level is the group's minimum itself, and 0 is usually not on the grid. The
+    arithmetic is ggml's (a multiply by 1/scale, rounding by truncation of x + 1/2):
+    at b = 4, G = 32 this is Q4_1.
     """
     Wg = group_view(W, group_size)  # (N, K/G, G)
     qmax = 2**bits - 1
@@ -135,7 +145,8 @@ def quantize_minscale(W: torch.Tensor, bits: int, group_size: int):
     return q, scale.half().float(), m.half().float()
 
 
-def dequantize_minscale(q: torch.Tensor, scale: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def dequantize_minscale(q: torch.Tensor, scale: torch.Tensor,
+                        m: torch.Tensor) -> torch.Tensor:
     """w_hat = scale · q + m, returned as (N, K)."""
     return (q.float() * scale + m).flatten(1)
 # --8<-- [end:minscale]
@@ -150,7 +161,10 @@ PAIRS: dict[str, tuple[Callable, Callable]] = {
 
 # --8<-- [start:overhead]
 def overhead_bits(scheme: str, bits: int) -> int:
-    """Bits stored per group besides the weights: an FP16 scale, plus a b-bit zero or an FP16 offset."""
+    """Bits stored per group besides the weights.
+
+    An FP16 scale, plus a b-bit zero or an FP16 offset.
+    """
     return {"absmax": 16, "zeropoint": 16 + bits, "minscale": 32}[scheme]
 
 
@@ -163,10 +177,11 @@ def bits_per_weight(bits: int, group_size: int, scheme: str) -> float:
 # --8<-- [start:memory]
 def weight_memory_bytes(n_params: float, bits: int, group_size: int | None = None,
                         overhead: int = 0) -> float:
-    """Bytes to store the weights: N·b/8, plus (N/G)·overhead/8 for per-group scales and zeros.
+    """Bytes to store the weights: N·b/8, plus (N/G)·overhead/8 for scales and zeros.
 
-    `group_size` None means no per-group data (FP16, BF16). Not counted: the KV cache (grows
-    with batch × context), activations and the runtime's workspace, which come on top.
+    `group_size` None means no per-group data (FP16, BF16). Not counted: the KV
+    cache (grows with batch × context), activations and the runtime's workspace,
+    which come on top.
     """
     total = n_params * bits / 8
     if group_size:
@@ -174,15 +189,18 @@ def weight_memory_bytes(n_params: float, bits: int, group_size: int | None = Non
     return total
 
 
-# Parameter counts from the models' papers and configs; embeddings = vocab × hidden, counted
-# twice when the LM head is a separate matrix (all three models below untie it).
+# Parameter counts from the models' papers and configs; embeddings = vocab × hidden,
+# counted twice when the LM head is a separate matrix (all three models untie it).
 MODELS = {
     "Llama-2-7B": {"params": 6.74e9, "embed_and_head": 2 * 32000 * 4096},
     "Llama-3-8B": {"params": 8.03e9, "embed_and_head": 2 * 128256 * 4096},
     "Llama-3-70B": {"params": 70.6e9, "embed_and_head": 2 * 128256 * 8192},
 }
-# (name, bits, group size, overhead bits per group): INT8 absmax and INT4 zero-point, group 128.
-FORMATS = [("FP16", 16, None, 0), ("INT8 g128", 8, 128, 16), ("INT4 g128", 4, 128, 16 + 4)]
+# (name, bits, group size, overhead bits per group):
+# INT8 absmax and INT4 zero-point, group 128.
+FORMATS = [("FP16", 16, None, 0),
+           ("INT8 g128", 8, 128, 16),
+           ("INT4 g128", 4, 128, 16 + 4)]
 # --8<-- [end:memory]
 
 
