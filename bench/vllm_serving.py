@@ -71,7 +71,15 @@ def compare(llm, model, settings: dict, device) -> dict:
     per_token = serving.kv_bytes_per_token(model)
     num_blocks = int(settings["kv_cache_gib"] * 2**30 // (per_token * 16))
     k = min(settings["hf_single"], n)
-    engine = pa.LLMEngine(model, num_blocks, 16, settings["max_num_seqs"])  # pool allocated here, untimed
+    # vLLM V1 schedules with chunked prefill and prefix caching: give the engine the same two
+    # features and the same token budget per step, and record what vLLM ran with.
+    config = llm.llm_engine.vllm_config
+    features = {"chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
+                "prefix_caching": bool(config.cache_config.enable_prefix_caching),
+                "max_num_batched_tokens": int(config.scheduler_config.max_num_batched_tokens)}
+    engine = pa.LLMEngine(model, num_blocks, 16, settings["max_num_seqs"],   # pool allocated here, untimed
+                          features["max_num_batched_tokens"], features["prefix_caching"],
+                          features["chunked_prefill"])
     methods = [
         ("vLLM, LLM.generate on the list", lambda: ve.generate_list(llm, requests, params), n),
         ("paged engine, continuous batching", lambda: engine.generate(prompts, new), n),
@@ -89,7 +97,7 @@ def compare(llm, model, settings: dict, device) -> dict:
         print(f"{name}: {rows[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
     for row in rows:
         row["vs_vllm"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
-    return {"requests": n, "output_tokens": sum(new), "rows": rows}
+    return {"requests": n, "output_tokens": sum(new), "rows": rows, "vllm_features": features}
 
 
 def vllm_version(result: dict) -> str:
