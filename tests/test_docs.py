@@ -313,6 +313,74 @@ def test_pages_have_no_words_meant_for_the_team(page: Path):
     assert not found, f"{rel(page)} speaks to the team, not to readers:\n" + "\n".join(found)
 
 
+
+# A figure in prose: a number with a unit of speed, time or ratio ("298.1 tokens/s", "1.34×");
+# "4096 × 128256" is a shape, not a figure. Ours must be in a results file; a literature figure
+# sits on a line that cites its source; a derived one shows its arithmetic ("15.0 / 8.0 ≈ 1.87×").
+FIGURE = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)\s?(?:×(?!\s?\d)|tokens/s|tok/s|GB/s|TB/s|ms\b|µs)")
+CITES_A_SOURCE = re.compile(r"https?://|\]\(|literature|文献|paper|论文|README|blog|博客|arXiv|data ?sheet|数据手册|规格表", re.I)
+
+
+INCLUDE = re.compile(r'--8<-- "([^"]+/results/[^"]+\.md)"')
+
+
+def included_results(page: Path) -> tuple[str, list[float]]:
+    """The text of the results tables a page includes, and every number in their JSON files."""
+    import json
+
+    tables, numbers = [], []
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers.append(float(value))
+
+    for include in INCLUDE.findall(page.read_text(encoding="utf-8")):
+        table = REPO_ROOT / include
+        tables.append(table.read_text(encoding="utf-8"))
+        stem = table.name.removesuffix(".md").removesuffix(".en")
+        data = [p for p in table.parent.glob("*.json") if stem.startswith(p.stem)]
+        for path in sorted(data, key=lambda p: -len(p.stem))[:1]:  # x-h200-profile -> x-h200.json
+            walk(json.loads(path.read_text(encoding="utf-8")))
+    return "\n".join(tables), numbers
+
+
+def measured(figure: str, tables: str, numbers: list[float]) -> bool:
+    plain = figure.replace(",", "")
+    if figure in tables or plain in tables:
+        return True
+    decimals = len(plain.split(".")[1]) if "." in plain else 0
+    return any(round(n, decimals) == float(plain) for n in numbers)
+
+
+@pytest.mark.parametrize("page", SOURCE_PAGES, ids=rel)
+def test_figures_in_prose_are_measured_or_cited(page: Path):
+    """A figure typed into prose must be in a results file the page includes, cite its source on
+    its line, or show the arithmetic it comes from."""
+    text = re.sub(r"^(```|~~~).*?^\1", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    tables, numbers = included_results(page)
+    typed = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for match in FIGURE.finditer(line):
+            derived = re.search(r"[≈=]\s*$", line[:match.start()])
+            if not (measured(match.group(1), tables, numbers) or CITES_A_SOURCE.search(line) or derived):
+                typed.append(f"{match.group(0)!r} (line {number} without code blocks)")
+    assert not typed, f"{rel(page)} types figures found in no results file and citing no source:\n" \
+        + "\n".join(typed)
+
+
+def test_figure_pattern_tells_figures_from_shapes():
+    assert [m.group(1) for m in FIGURE.finditer("298.1 tokens/s, 1.34× bf16, 2,956 GB/s, 3.4 ms")] == \
+        ["298.1", "1.34", "2,956", "3.4"]
+    assert not FIGURE.search("a (4096 × 128256) matrix") and not FIGURE.search("msg 12 msgs")
+    tables, numbers = included_results(DOCS / "inference-acceleration" / "fast-decode.en.md")
+    assert measured("298.1", tables, numbers) and not measured("297.3", tables, numbers)
+
 def test_team_word_patterns_spare_legitimate_uses():
     legit = ["the target model checks all k positions", "主要目标?", "verl issue 4435",
              "`make help` lists every target", "with targets set to Linear", "the draft and the target", "one decode step issues 90 calls"]
