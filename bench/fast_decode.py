@@ -208,28 +208,30 @@ class FusedDecoder:
 
     # --8<-- [start:fused_step]
     def step(self) -> None:
-        """One decode step on the static buffers: tok (B,) at pos -> tok for pos + 1; pos += 1."""
+        """One decode step on the static buffers: tok (B,) at pos -> tok for pos + 1;
+        pos += 1."""
         import torch
 
         m, c = self.model, self.model.config
         eps, H, Hkv = c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads
-        torch.index_select(self.embedding, 0, self.tok, out=self.h)               # (B, C)
+        torch.index_select(self.embedding, 0, self.tok, out=self.h)     # (B, C)
         for lay, layer in zip(self.layers, m.layers):
-            cache = layer.attention.kv_cache                                      # shared with prefill
-            linear(self.h, lay["qkv"], self.qkv, rms=True, eps=eps)               # norm folded into W
+            cache = layer.attention.kv_cache                            # shared with prefill
+            linear(self.h, lay["qkv"], self.qkv, rms=True, eps=eps)     # norm folded into W
             da.decode_attention(self.qkv, m.rope_cos, m.rope_sin, self.pos, cache.k, cache.v,
                                 self.attn, H, Hkv)
-            linear(self.attn, lay["o"], self.h, residual=self.h)                  # h += attn Wo^T
+            linear(self.attn, lay["o"], self.h, residual=self.h)        # h += attn Wo^T
             linear(self.h, lay["gate_up"], self.act, rms=True, glu=True, eps=eps)  # (B, F)
-            linear(self.act, lay["down"], self.h, residual=self.h)                # h += act Wd^T
-        linear(self.h, self.head, self.logits, rms=True, eps=eps)                 # (B, V) fp32
+            linear(self.act, lay["down"], self.h, residual=self.h)      # h += act Wd^T
+        linear(self.h, self.head, self.logits, rms=True, eps=eps)       # (B, V) fp32
         torch.argmax(self.logits, dim=-1, out=self.tok)
-        self.history.index_copy_(1, self.pos, self.tok.unsqueeze(1))              # token for pos + 1
+        self.history.index_copy_(1, self.pos, self.tok.unsqueeze(1))    # token for pos + 1
         self.pos.add_(1)  # inside the graph: no host work between steps
 
     def capture(self):
-        """Warm up (compiles the kernels) on a side stream, then record one step as a CUDA graph;
-        replaying it launches all ~5 x layers kernels with one call and no Python in between."""
+        """Warm up (compiles the kernels) on a side stream, then record one step as a CUDA
+        graph; replaying it launches all ~5 x layers kernels with one call and no Python in
+        between."""
         import torch
 
         saved_tok, saved_pos = self.tok.clone(), self.pos.clone()

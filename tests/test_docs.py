@@ -229,20 +229,17 @@ def test_glossary_entries_have_both_languages_and_a_working_link():
 # --- shown code fits the column ------------------------------------------------------------------
 
 SHOWN_LINE_LIMIT = 90  # characters: longer lines make a code block scroll sideways in the page column
-INCLUDE = re.compile(r'--8<-- "([^"]+\.py):([\w-]+)"')
+SECTION_INCLUDE = re.compile(r'--8<-- "([^"]+\.py):([\w-]+)"')
 # Scripts whose shown sections still carry longer lines; each is being reformatted by its owner.
 LONG_LINES_PENDING = {
-    "inference/inference-acceleration/examples/decode_attention.py",
-    "inference/inference-acceleration/examples/decode_kernels.py",
     "inference/inference-acceleration/examples/fast_decode.py",
     "inference/inference-acceleration/examples/paged_attention.py",
-    "bench/fast_decode.py",
     "bench/serving.py",
 }
 
 
 def shown_sections() -> set[tuple[str, str]]:
-    return {m.groups() for page in ZH_PAGES + EN_PAGES for m in INCLUDE.finditer(page.read_text(encoding="utf-8"))}
+    return {m.groups() for page in ZH_PAGES + EN_PAGES for m in SECTION_INCLUDE.finditer(page.read_text(encoding="utf-8"))}
 
 
 def section_lines(path: str, name: str) -> list[str]:
@@ -321,7 +318,7 @@ FIGURE = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)\s?(?:×(?!\s?\d)|tokens/s|t
 CITES_A_SOURCE = re.compile(r"https?://|\]\(|literature|文献|paper|论文|README|blog|博客|arXiv|data ?sheet|数据手册|规格表", re.I)
 
 
-INCLUDE = re.compile(r'--8<-- "([^"]+/results/[^"]+\.md)"')
+RESULTS_INCLUDE = re.compile(r'--8<-- "([^"]+/results/[^"]+\.md)"')
 
 
 def included_results(page: Path) -> tuple[str, list[float]]:
@@ -340,7 +337,7 @@ def included_results(page: Path) -> tuple[str, list[float]]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             numbers.append(float(value))
 
-    for include in INCLUDE.findall(page.read_text(encoding="utf-8")):
+    for include in RESULTS_INCLUDE.findall(page.read_text(encoding="utf-8")):
         table = REPO_ROOT / include
         tables.append(table.read_text(encoding="utf-8"))
         stem = table.name.removesuffix(".md").removesuffix(".en")

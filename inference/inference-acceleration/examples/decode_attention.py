@@ -63,11 +63,13 @@ if triton is not None:
     # --8<-- [start:attention]
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr,
-                                 stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
-                                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
+                                 stride_qkv, stride_cb, stride_ch, stride_cs, stride_o,
+                                 sm_scale, H: tl.constexpr, HKV: tl.constexpr,
+                                 D: tl.constexpr, G_PAD: tl.constexpr,
                                  BLOCK_S: tl.constexpr, DOT: tl.constexpr):
-        """One program per (sequence, KV head): RoPE on q and the new k, k and v written into the
-        cache at `pos`, then the group's G query heads attend to slots 0..pos (online softmax)."""
+        """One program per (sequence, KV head): RoPE on q and the new k, k and v written into
+        the cache at `pos`, then the group's G query heads attend to slots 0..pos (online
+        softmax)."""
         b, hk = tl.program_id(0), tl.program_id(1)
         G: tl.constexpr = H // HKV
         HALF: tl.constexpr = D // 2
@@ -76,40 +78,47 @@ if triton is not None:
         gi = tl.arange(0, G_PAD)
         gmask = gi < G  # G query heads share this KV head; padded to G_PAD >= 16 for tl.dot
         row = qkv_ptr + b * stride_qkv
-        q_ptrs = row + (hk * G + gi)[:, None] * D + d[None, :]                         # (G_PAD, D/2)
+        q_ptrs = row + (hk * G + gi)[:, None] * D + d[None, :]  # (G_PAD, D/2)
         q1 = tl.load(q_ptrs, mask=gmask[:, None], other=0.0).to(tl.float32)
         q2 = tl.load(q_ptrs + HALF, mask=gmask[:, None], other=0.0).to(tl.float32)
         qscale = sm_scale * 1.4426950408889634  # fold log2(e): softmax with exp2
-        q1r = ((q1 * cos - q2 * sin) * qscale).to(DOT)                        # (G_PAD, D/2)
+        q1r = ((q1 * cos - q2 * sin) * qscale).to(DOT)  # (G_PAD, D/2)
         q2r = ((q2 * cos + q1 * sin) * qscale).to(DOT)
         k1 = tl.load(row + (H + hk) * D + d).to(tl.float32)
         k2 = tl.load(row + (H + hk) * D + HALF + d).to(tl.float32)
         dd = tl.arange(0, D)
         v_new = tl.load(row + (H + HKV + hk) * D + dd)
-        kc, vc = k_ptr + b * stride_cb + hk * stride_ch, v_ptr + b * stride_cb + hk * stride_ch
+        kc, vc = (k_ptr + b * stride_cb + hk * stride_ch,
+                  v_ptr + b * stride_cb + hk * stride_ch)
         tl.store(kc + pos * stride_cs + d, (k1 * cos - k2 * sin).to(kc.dtype.element_ty))
-        tl.store(kc + pos * stride_cs + HALF + d, (k2 * cos + k1 * sin).to(kc.dtype.element_ty))
+        tl.store(kc + pos * stride_cs + HALF + d,
+                 (k2 * cos + k1 * sin).to(kc.dtype.element_ty))
         tl.store(vc + pos * stride_cs + dd, v_new.to(vc.dtype.element_ty))
-        tl.debug_barrier()  # the block's own stores above are visible to all its threads below
-        m_i, l_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32), tl.zeros((G_PAD,), dtype=tl.float32)
+        # the block's own stores above are visible to all its threads below
+        tl.debug_barrier()
+        m_i, l_i = (tl.full((G_PAD,), float("-inf"), dtype=tl.float32),
+                    tl.zeros((G_PAD,), dtype=tl.float32))
         acc = tl.zeros((G_PAD, D), dtype=tl.float32)
         for s0 in range(0, pos + 1, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             smask = s <= pos
-            kt1 = tl.load(kc + s[:, None] * stride_cs + d[None, :], mask=smask[:, None], other=0.0)
-            kt2 = tl.load(kc + s[:, None] * stride_cs + HALF + d[None, :], mask=smask[:, None], other=0.0)
+            kt1 = tl.load(kc + s[:, None] * stride_cs + d[None, :],
+                          mask=smask[:, None], other=0.0)
+            kt2 = tl.load(kc + s[:, None] * stride_cs + HALF + d[None, :],
+                          mask=smask[:, None], other=0.0)
             sc = tl.dot(q1r, tl.trans(kt1.to(DOT))) + tl.dot(q2r, tl.trans(kt2.to(DOT)))
             sc = tl.where(smask[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             p = tl.exp2(sc - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = tl.load(vc + s[:, None] * stride_cs + dd[None, :], mask=smask[:, None], other=0.0)
+            vt = tl.load(vc + s[:, None] * stride_cs + dd[None, :],
+                         mask=smask[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vt.to(DOT))  # (G_PAD, D)
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(o_ptr + b * stride_o + (hk * G + gi)[:, None] * D + dd[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=gmask[:, None])
+        tl.store(o_ptr + b * stride_o + (hk * G + gi)[:, None] * D + dd[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])
     # --8<-- [end:attention]
 
 

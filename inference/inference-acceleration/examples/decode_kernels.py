@@ -179,16 +179,19 @@ if triton is not None:
 
     # --8<-- [start:gemv]
     @triton.jit
-    def _dense_tile(w_ptr, rows_w, nmask, k, k_end, K, INT8: tl.constexpr):  # weight tile (BN, BK) fp32
-        w = tl.load(w_ptr + rows_w[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < k_end), other=0)
+    def _dense_tile(w_ptr, rows_w, nmask, k, k_end, K,
+                    INT8: tl.constexpr):  # weight tile (BN, BK) fp32
+        w = tl.load(w_ptr + rows_w[:, None] * K + k[None, :],
+                    mask=nmask[:, None] & (k[None, :] < k_end), other=0)
         if INT8:
             return _u8_to_f32(w.to(tl.uint8, bitcast=True) ^ 0x80, 128.0)
         return w.to(tl.float32)
 
     @triton.jit
     def _mac(acc, w, x, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
-        """One row: acc (BN, BK) += w x, an FMA per weight, summed once after the loop (no
-        cross-thread reduction per step). A batch: acc (BM, BN) += x w^T on the tensor cores."""
+        """One row: acc (BN, BK) += w x, an FMA per weight, summed once after the loop
+        (no cross-thread reduction per step). A batch: acc (BM, BN) += x w^T on the
+        tensor cores."""
         if BLOCK_M == 1:
             acc += w * x
         else:
@@ -196,10 +199,11 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, s_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NW, K_SPLIT,
-                       stride_x, stride_r, stride_y, eps, INT8: tl.constexpr, RMS: tl.constexpr,
-                       GLU: tl.constexpr, RES: tl.constexpr, DOT: tl.constexpr, SPLIT_K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _linear_kernel(x_ptr, w_ptr, s_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NW,
+                       K_SPLIT, stride_x, stride_r, stride_y, eps, INT8: tl.constexpr,
+                       RMS: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
+                       DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y (M, N) = x (M, K) @ W^T for bf16 or INT8 W. Program (n, s, m) owns BLOCK_N output
         columns, BLOCK_M rows and the s-th slice of K (K_SPLIT long). GLU: W is
         [gate; up] (2N rows): rows n and N + n give silu(gate) * up."""
@@ -208,21 +212,25 @@ if triton is not None:
         rmask, nmask = rows < M, cols < N
         k_lo, kk = tl.program_id(1) * K_SPLIT, tl.arange(0, BLOCK_K)
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
-        acc = tl.zeros((BLOCK_N, BLOCK_K) if BLOCK_M == 1 else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K) if BLOCK_M == 1 else (BLOCK_M, BLOCK_N),
+                       dtype=tl.float32)
         acc_up = tl.zeros_like(acc)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            x = _load_act(x_ptr, rows, k0 + kk, rmask, stride_x, k_hi)                       # (BM, BK)
-            acc = _mac(acc, _dense_tile(w_ptr, cols, nmask, k0 + kk, k_hi, K, INT8), x, BLOCK_M, DOT)
+            x = _load_act(x_ptr, rows, k0 + kk, rmask, stride_x, k_hi)  # (BM, BK)
+            acc = _mac(acc, _dense_tile(w_ptr, cols, nmask, k0 + kk, k_hi, K, INT8), x,
+                       BLOCK_M, DOT)
             if GLU:
-                acc_up = _mac(acc_up, _dense_tile(w_ptr, cols + N, nmask, k0 + kk, k_hi, K, INT8), x, BLOCK_M, DOT)
+                acc_up = _mac(acc_up, _dense_tile(w_ptr, cols + N, nmask, k0 + kk, k_hi,
+                                                  K, INT8), x, BLOCK_M, DOT)
         if BLOCK_M == 1:
-            acc, acc_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]   # (1, BN)
-        if INT8:  # per-row scale once: sum_k (q s) x = s sum_k q x (and distributes over the split)
+            # (1, BN)
+            acc, acc_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]
+        if INT8:  # per-row scale once: sum_k (q s) x = s sum_k q x (distributes over split-K)
             acc *= tl.load(s_ptr + cols, mask=nmask, other=0.0)[None, :]
             if GLU:
                 acc_up *= tl.load(s_ptr + N + cols, mask=nmask, other=0.0)[None, :]
-        _finish(acc, acc_up, x_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, rows, cols, rmask, nmask, N, K, NW,
-                stride_x, stride_r, stride_y, eps, RMS, GLU, RES, SPLIT_K)
+        _finish(acc, acc_up, x_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, rows, cols, rmask, nmask,
+                N, K, NW, stride_x, stride_r, stride_y, eps, RMS, GLU, RES, SPLIT_K)
 
     @triton.jit
     def _int4_strip_unit(words, i: tl.constexpr):
@@ -232,59 +240,70 @@ if triton is not None:
         return ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _int4_group(w_ptr, s_ptr, z_ptr, x_ptr, rows, cols, rmask, nmask, g, j, stride_w, stride_x,
-                    NW, K, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
+    def _int4_group(w_ptr, s_ptr, z_ptr, x_ptr, rows, cols, rmask, nmask, g, j, stride_w,
+                    stride_x, NW, K, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    DOT: tl.constexpr):
         """One group of G = 8W weights for BLOCK_N rows: sum_{k in g} (q - z) x s, (BM, BN).
-        One row of x: f = 1 + q/16 turns it into s (16 sum f x - (16 + z) X_g), X_g = sum_{k in g} x,
-        so the inner loop is a shift, an and-or and an FMA per weight; returned per (row, word
-        column), (BN, W), to be summed once at the end. A batch: tl.dot on q - z, (BM, BN)."""
+        One row of x: f = 1 + q/16 turns it into s (16 sum f x - (16 + z) X_g),
+        X_g = sum_{k in g} x, so the inner loop is a shift, an and-or and an FMA per weight;
+        returned per (row, word column), (BN, W), to be summed once at the end. A batch:
+        tl.dot on q - z, (BM, BN)."""
         W: tl.constexpr = GROUP // 8
-        words = tl.load(w_ptr + cols[:, None] * stride_w + g * W + j[None, :], mask=nmask[:, None], other=0)
-        s = tl.load(s_ptr + g * NW + cols, mask=nmask, other=0.0).to(tl.float32)         # (BN,)
+        words = tl.load(w_ptr + cols[:, None] * stride_w + g * W + j[None, :],
+                        mask=nmask[:, None], other=0)
+        s = tl.load(s_ptr + g * NW + cols, mask=nmask, other=0.0).to(tl.float32)  # (BN,)
         z = tl.load(z_ptr + g * NW + cols, mask=nmask, other=0.0).to(tl.float32)
         if BLOCK_M == 1:
-            part, xsum = tl.zeros((cols.shape[0], W), dtype=tl.float32), tl.zeros((1, W), dtype=tl.float32)
+            part, xsum = (tl.zeros((cols.shape[0], W), dtype=tl.float32),
+                          tl.zeros((1, W), dtype=tl.float32))
             for i in tl.static_range(8):   # strip i meets x[gG + iW : gG + (i+1)W]
-                x = tl.load(x_ptr + g * GROUP + i * W + j[None, :]).to(tl.float32)     # (1, W): M = 1
+                # (1, W): M = 1
+                x = tl.load(x_ptr + g * GROUP + i * W + j[None, :]).to(tl.float32)
                 xsum += x
                 part += _int4_strip_unit(words, i) * x
-            part = (16.0 * s)[:, None] * part - (s * (16.0 + z))[:, None] * xsum        # (BN, W)
+            part = (16.0 * s)[:, None] * part - (s * (16.0 + z))[:, None] * xsum  # (BN, W)
         else:
             part = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
             for i in tl.static_range(8):
-                x = _load_act(x_ptr, rows, g * GROUP + i * W + j, rmask, stride_x, K)  # (BM, W)
-                q = _u8_to_f32((words >> (4 * i)) & 15, 0.0) - z[:, None]             # (BN, W)
+                # (BM, W)
+                x = _load_act(x_ptr, rows, g * GROUP + i * W + j, rmask, stride_x, K)
+                q = _u8_to_f32((words >> (4 * i)) & 15, 0.0) - z[:, None]  # (BN, W)
                 part += tl.dot(x.to(DOT), tl.trans(q.to(DOT)))
             part *= s[None, :]
         return part
 
     @triton.jit
-    def _int4_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NW,
-                            GROUPS_SPLIT, stride_x, stride_w, stride_r, stride_y, eps,
-                            GROUP: tl.constexpr, RMS: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
-                            DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-        """W4A16: y = x W^T, W (NW, K/8) int32 strips, s and z (K/G, NW). Program (n, s, m) owns
-        BLOCK_N rows of W and GROUPS_SPLIT groups of K (split-K: enough programs to fill every
-        SM even where N is 4,096); GROUPS groups per iteration, unrolled, keep loads in flight."""
+    def _int4_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
+                            K, NW, GROUPS_SPLIT, stride_x, stride_w, stride_r, stride_y, eps,
+                            GROUP: tl.constexpr, RMS: tl.constexpr, GLU: tl.constexpr,
+                            RES: tl.constexpr, DOT: tl.constexpr, SPLIT_K: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            GROUPS: tl.constexpr):
+        """W4A16: y = x W^T, W (NW, K/8) int32 strips, s and z (K/G, NW). Program (n, s, m)
+        owns BLOCK_N rows of W and GROUPS_SPLIT groups of K (split-K: enough programs to fill
+        every SM even where N is 4,096); GROUPS groups per iteration, unrolled, keep loads in
+        flight."""
         rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask, nmask = rows < M, cols < N
         j = tl.arange(0, GROUP // 8)
-        acc = tl.zeros((BLOCK_N, GROUP // 8) if BLOCK_M == 1 else (BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros_like(acc)                 # batch 1: per (row, word column), summed at the end
+        acc = tl.zeros((BLOCK_N, GROUP // 8) if BLOCK_M == 1 else (BLOCK_M, BLOCK_N),
+                       dtype=tl.float32)
+        acc_up = tl.zeros_like(acc)  # batch 1: per (row, word column), summed at the end
         g_lo = tl.program_id(1) * GROUPS_SPLIT
         for g0 in range(g_lo, g_lo + GROUPS_SPLIT, GROUPS):
             for gi in tl.static_range(GROUPS):
-                acc += _int4_group(w_ptr, s_ptr, z_ptr, x_ptr, rows, cols, rmask, nmask, g0 + gi, j,
-                                   stride_w, stride_x, NW, K, GROUP, BLOCK_M, DOT)
+                acc += _int4_group(w_ptr, s_ptr, z_ptr, x_ptr, rows, cols, rmask, nmask,
+                                   g0 + gi, j, stride_w, stride_x, NW, K, GROUP, BLOCK_M, DOT)
                 if GLU:  # rows N + n: the up projection, same x
-                    acc_up += _int4_group(w_ptr, s_ptr, z_ptr, x_ptr, rows, cols + N, rmask, nmask,
-                                          g0 + gi, j, stride_w, stride_x, NW, K, GROUP, BLOCK_M, DOT)
+                    acc_up += _int4_group(w_ptr, s_ptr, z_ptr, x_ptr, rows, cols + N, rmask,
+                                          nmask, g0 + gi, j, stride_w, stride_x, NW, K,
+                                          GROUP, BLOCK_M, DOT)
         if BLOCK_M == 1:
-            acc, acc_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]   # (1, BN)
-        _finish(acc, acc_up, x_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, rows, cols, rmask, nmask, N, K, NW,
-                stride_x, stride_r, stride_y, eps, RMS, GLU, RES, SPLIT_K)
+            # (1, BN)
+            acc, acc_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]
+        _finish(acc, acc_up, x_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, rows, cols, rmask, nmask,
+                N, K, NW, stride_x, stride_r, stride_y, eps, RMS, GLU, RES, SPLIT_K)
     # --8<-- [end:gemv]
 
 
