@@ -80,6 +80,28 @@ def corpus_files() -> tuple[Path, Path]:
     return assets.write_corpus()
 
 
+# Triton's interpreter runs kernels on the CPU with NumPy, but TRITON_INTERPRET=1 must be set
+# before triton compiles anything in the process: a file's `interpreted` tests run in a pytest
+# process of their own, started by that file's one test that calls run_interpreted_tests.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETER, reason="run in a pytest process with "
+                                 "TRITON_INTERPRET=1 by its file's run_interpreted_tests")
+
+
+def run_interpreted_tests(test_file: str) -> None:
+    """Run `test_file`'s `interpreted` tests in a pytest process with TRITON_INTERPRET=1."""
+    if INTERPRETER:
+        pytest.skip("this process is the interpreted one")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (its CPU interpreter runs the kernels)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", test_file, "-q", "-k", "interpreted",
+                           "-p", "no:cacheprovider"], capture_output=True, text=True, env=env,
+                          cwd=REPO_ROOT, timeout=600)
+    assert proc.returncode == 0 and " passed" in proc.stdout and "skipped" not in proc.stdout, \
+        proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
 def run_script(script: Path, *args: str, timeout: float = 600, env: dict[str, str] | None = None,
                check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run an example script as a reader would; on failure show its output in the test report."""

@@ -8,23 +8,17 @@ for real, with NaN in the cache slots beyond pos (never read). Tolerances: tests
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ACCEL_EXAMPLES, assert_refusal, import_example, run_script
+from conftest import (ACCEL_EXAMPLES, assert_refusal, import_example, interpreted,
+                      run_interpreted_tests, run_script)
 from tolerances import KERNEL_BF16_REL, rel_err
 
 SCRIPT = ACCEL_EXAMPLES / "decode_attention.py"
 da = import_example(SCRIPT)
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETER, reason="run by test_kernel_runs_in_the_interpreter "
-                                 "in a process with TRITON_INTERPRET=1")
 
 
 def test_reference_attention_writes_the_cache_and_ignores_later_slots() -> None:
@@ -46,16 +40,7 @@ def test_reference_attention_writes_the_cache_and_ignores_later_slots() -> None:
 
 
 def test_kernel_runs_in_the_interpreter() -> None:
-    """This file's `interpreted` test, in a pytest process with TRITON_INTERPRET=1."""
-    if INTERPRETER:
-        pytest.skip("this process is the interpreted one")
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (its CPU interpreter runs the kernel)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-k", "interpreted",
-                           "-p", "no:cacheprovider"], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout and "skipped" not in proc.stdout, \
-        proc.stdout[-3000:] + proc.stderr[-2000:]
+    run_interpreted_tests(__file__)
 
 
 @interpreted

@@ -9,16 +9,13 @@ outputs and cache slots that must be overwritten or never read. Tolerances: test
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ACCEL_EXAMPLES, BENCH, assert_refusal, import_example, run_script
+from conftest import (ACCEL_EXAMPLES, BENCH, assert_refusal, import_example, interpreted,
+                      run_interpreted_tests, run_script)
 from tolerances import KERNEL_BF16_REL, LOGITS_FP32_REL, RTN_VS_LIBRARY_MISMATCHES, rel_err
 
 SCRIPT = ACCEL_EXAMPLES / "decode_kernels.py"
@@ -88,23 +85,8 @@ def test_llm_compressor_checkpoint_repacked_for_the_kernel(tiny_model: Path, tmp
     assert rel_err(mine, library) < LOGITS_FP32_REL
 
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETER, reason="run by test_kernels_run_in_the_interpreter "
-                                 "in a process with TRITON_INTERPRET=1")
-
-
 def test_kernels_run_in_the_interpreter() -> None:
-    """This file's `interpreted` tests, in a pytest process with TRITON_INTERPRET=1."""
-    if INTERPRETER:
-        pytest.skip("this process is the interpreted one")
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (its CPU interpreter runs the kernels)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-k", "interpreted",
-                           "-p", "no:cacheprovider"], capture_output=True, text=True, env=env, timeout=600)
-    print(proc.stdout[-3000:])
-    assert proc.returncode == 0 and " passed" in proc.stdout and "skipped" not in proc.stdout, \
-        proc.stdout[-3000:] + proc.stderr[-2000:]
+    run_interpreted_tests(__file__)
 
 
 @pytest.mark.parametrize("fmt, M, rms, glu, res, groups, G, split", [

@@ -12,16 +12,13 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (ACCEL_EXAMPLES, QUANT_EXAMPLES, REPO_ROOT, assert_refusal, assert_results_header, import_example,
-                      run_bench, run_script)
+from conftest import (ACCEL_EXAMPLES, QUANT_EXAMPLES, assert_refusal, assert_results_header, import_example,
+                      interpreted, run_bench, run_interpreted_tests, run_script)
 from tolerances import (FP8_GPU_VS_SIMULATED_REL, FP8_KV_DECODER_VS_ATTENTION_REL, FP8_KV_KL_SMOLLM2,
                         FP8_SCALES_VS_LIBRARY, FP8_SIMULATED_VS_FP64_REL, FP8_W8A8_KL_SMOLLM2,
                         FP8_W8A8_LINEAR_REL, rel_err)
@@ -185,19 +182,8 @@ def test_refusals(tmp_path) -> None:
 # The Triton kernel on the CPU: Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 # imported, so in a pytest process of its own) runs the kernel's code with NumPy.
 # ---------------------------------------------------------------------------------------------
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETER, reason="run by test_gemv_kernel_in_the_interpreter")
-
-
 def test_gemv_kernel_in_the_interpreter() -> None:
-    """This file's `interpreted` tests, in a pytest process with TRITON_INTERPRET=1."""
-    if INTERPRETER or fp8.triton is None:
-        pytest.skip("inside the interpreter run already" if INTERPRETER else "triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-k", "interpreted",
-                           "-p", "no:cacheprovider"], capture_output=True, text=True, env=env,
-                          cwd=REPO_ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    run_interpreted_tests(__file__)
 
 
 @interpreted
