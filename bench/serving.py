@@ -105,16 +105,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 def hf_padded_batches(model, prompts: list[list[int]], max_new_tokens: list[int],
                       batch_size: int, pad_token_id: int) -> list[list[int]]:
     """Static batching with transformers generate: requests in arrival order, each batch
-    left-padded to its longest prompt and run to its longest output; tokens past a request's
-    own length are wasted work. Every request makes exactly its max_new_tokens."""
+    left-padded to its longest prompt and run to its longest output; tokens past a
+    request's own length are wasted work. Every request makes exactly its
+    max_new_tokens."""
     import torch
 
     outputs = []
     for i in range(0, len(prompts), batch_size):
         batch, n = prompts[i:i + batch_size], max_new_tokens[i:i + batch_size]
         width = max(map(len, batch))
-        ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in batch])   # (B, T)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])  # (B, T)
+        # (B, T) each, padding on the left
+        ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         out = model.generate(input_ids=ids.to(model.device),
                              attention_mask=mask.to(model.device), do_sample=False,
                              max_new_tokens=max(n), min_new_tokens=max(n),
@@ -188,10 +190,11 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def serve(engine, prompts: list[list[int]], new_tokens: list[int],
           arrivals: list[float], memory: list | None = None) -> dict[str, Any]:
     """Feed requests to the engine at their arrival times (seconds from now) and time each
-    output token as it appears: TTFT = first token - arrival, TPOT = the mean gap after it."""
+    output token as it appears: TTFT = first token - arrival, TPOT = the mean gap after
+    it."""
     pending = deque(sorted(zip(arrivals, prompts, new_tokens), key=lambda r: r[0]))
     first: dict[int, float] = {}
-    timed: list[tuple[float, float, float, int]] = []        # (arrival, first, last, tokens)
+    timed: list[tuple[float, float, float, int]] = []  # (arrival, first, last, tokens)
     arrival_of: dict[int, float] = {}
     start = time.perf_counter()
     while pending or engine.scheduler.waiting or engine.scheduler.running:
@@ -200,7 +203,7 @@ def serve(engine, prompts: list[list[int]], new_tokens: list[int],
             t, prompt, n = pending.popleft()
             arrival_of[id(engine.add_request(prompt, n))] = t
         if not (engine.scheduler.waiting or engine.scheduler.running):
-            time.sleep(max(0.0, pending[0][0] - now))           # idle until the next arrival
+            time.sleep(max(0.0, pending[0][0] - now))  # idle until the next arrival
             continue
         finished = engine.step()
         now = time.perf_counter() - start
@@ -219,7 +222,8 @@ def serve(engine, prompts: list[list[int]], new_tokens: list[int],
     ttft = [f - a for a, f, _, _ in timed]
     tpot = [(last - f) / (n - 1) for _, f, last, n in timed if n > 1]
     return {"seconds": seconds, "output_tokens": sum(n for *_, n in timed),
-            "requests": len(timed), "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
+            "requests": len(timed), "ttft_s": percentiles(ttft),
+            "tpot_s": percentiles(tpot),
             "steps": engine.num_steps, "preemptions": engine.scheduler.num_preemptions,
             "prefix_hit_tokens": engine.block_manager.num_prefix_hit_tokens}
 # --8<-- [end:serve]

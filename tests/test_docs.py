@@ -234,7 +234,6 @@ SECTION_INCLUDE = re.compile(r'--8<-- "([^"]+\.py):([\w-]+)"')
 LONG_LINES_PENDING = {
     "inference/inference-acceleration/examples/fast_decode.py",
     "inference/inference-acceleration/examples/paged_attention.py",
-    "bench/serving.py",
 }
 
 
