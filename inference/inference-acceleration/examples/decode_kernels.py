@@ -140,13 +140,15 @@ if triton is not None:
     def _u8_to_f32(v, OFFSET: tl.constexpr):  # exact v - OFFSET: 0x4B000000 | v is float 2^23 + v
         return (v.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
 
+    # --8<-- [start:splitk]
     @triton.jit
-    def _finish(acc, acc_up, x_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, rows, cols, rmask, nmask, N, K, NW,
-                stride_x, stride_r, stride_y, eps, RMS: tl.constexpr, GLU: tl.constexpr,
-                RES: tl.constexpr, SPLIT_K: tl.constexpr):
-        """Split-K (grid axis 1 cuts K in S slices): add the partial sums into an fp32 workspace; a
-        counter per tile names the last of its S programs, which takes the totals, leaves zeros for
-        the next call and finishes: 1/rms of x (norm folded into W), silu(gate) * up, + residual."""
+    def _finish(acc, acc_up, x_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, rows, cols, rmask, nmask,
+                N, K, NW, stride_x, stride_r, stride_y, eps, RMS: tl.constexpr,
+                GLU: tl.constexpr, RES: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Split-K (grid axis 1 cuts K in S slices): add the partial sums into an fp32
+        workspace; a counter per tile names the last of its S programs, which takes the
+        totals, leaves zeros for the next call and finishes: 1/rms of x (norm folded into
+        W), silu(gate) * up, + residual."""
         mask = rmask[:, None] & nmask[None, :]
         last = True
         if SPLIT_K:
@@ -157,7 +159,7 @@ if triton is not None:
             tl.debug_barrier()  # every thread's adds are issued before the counter moves
             tile = cnt_ptr + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
             last = tl.atomic_add(tile, 1, sem="acq_rel") == tl.num_programs(1) - 1
-            if last:  # the totals, read where the atomics landed (L2); zeros left for next call
+            if last:  # the totals, read where the atomics landed (L2); zeros for next call
                 acc = tl.atomic_add(ws, 0.0, mask=mask)
                 tl.store(ws, 0.0, mask=mask)
                 if GLU:
@@ -170,12 +172,16 @@ if triton is not None:
                 for k0 in range(0, K, 512):
                     xk = _load_act(x_ptr, rows, k0 + tl.arange(0, 512), rmask, stride_x, K)
                     ss += tl.sum(xk * xk, axis=1)
-                acc, acc_up = acc * tl.rsqrt(ss / K + eps)[:, None], acc_up * tl.rsqrt(ss / K + eps)[:, None]
+                rstd = tl.rsqrt(ss / K + eps)[:, None]
+                acc, acc_up = acc * rstd, acc_up * rstd
             if GLU:
                 acc = acc * tl.sigmoid(acc) * acc_up
+            out = rows[:, None] * stride_y + cols[None, :]
             if RES:
-                acc += tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+                res = r_ptr + rows[:, None] * stride_r + cols[None, :]
+                acc += tl.load(res, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    # --8<-- [end:splitk]
 
     # --8<-- [start:gemv]
     @triton.jit
