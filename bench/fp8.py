@@ -27,7 +27,6 @@ Run: python bench/fp8.py --preset cpu      (about 10 minutes; the GPU run: --pre
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 import subprocess
@@ -222,21 +221,11 @@ def run_cpu(settings) -> dict:
 # ---------------------------------------------------------------------------------------------
 # GPU: speed
 # ---------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def side_stream():
-    """One warm-up stream for every capture: the caching allocator keeps freed blocks for the
-    stream that used them, so a new stream per capture would strand a prefill's activations
-    (gigabytes at 2,048 tokens of an 8B model) on every warm-up."""
-    import torch
-
-    return torch.cuda.Stream()
-
-
 def graphed(fn):
     """Record fn() once in a CUDA graph (after warm-up calls on a side stream); return replay."""
     import torch
 
-    stream = side_stream()
+    stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):  # warm-up: cuBLAS handles, Triton autotuning, allocations
