@@ -330,7 +330,9 @@ class Bench:
             row = {"mode": "CUDA graphs" if graphs else "eager", "batch": B,
                    "step_ms": (time.perf_counter() - start) * 1e3 / s["profile_steps"]}
             if graphs:                  # the GPU's own time: one replay, no host work between
-                replay = lambda: engine.graphs.graphs[B].replay()   # noqa: E731
+                longest = max(len(q.block_table) for q in engine.scheduler.running)
+                width = next(w for w in engine.graphs.widths if w >= longest)
+                replay = lambda: engine.graphs.graphs[B, width].replay()   # noqa: E731
                 row["gpu_ms"] = statistics.median(common.time_ms(replay, self.device, 2, s["profile_steps"]))
             rows.append(row)
             print(f"decode step, {row['mode']}: {row['step_ms']:.1f} ms", flush=True)

@@ -2,7 +2,7 @@
 
 Invariances, each compared inside the test:
 * paged attention through a SHUFFLED block table equals plain attention over contiguous K/V
-  (torch's scaled_dot_product_attention), with NaN in every unused cache slot, odd shapes,
+  (torch's scaled_dot_product_attention), with 1e30 in every unused cache slot, odd shapes,
   decodes and prompt chunks (a query of Tq tokens after ctx - Tq cached ones) in one step;
 * the engine's greedy tokens equal transformers' greedy `generate` for each request, with
   chunked prefill on and off, prefix caching on and off, requests of different lengths, a
@@ -30,6 +30,10 @@ from tolerances import PAGED_FP32_ATOL
 
 SCRIPT = ACCEL_EXAMPLES / "paged_attention.py"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# Unused cache slots hold this: the gather reads them (with weight exactly 0 after the mask,
+# as real engines would never read them at all), so a slot that leaks shows up as ~1e30.
+# Not NaN: 0 x NaN is NaN, and stale slots in a running engine always hold finite K/V.
+GARBAGE = 1e30
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def pa():
 
 
 @pytest.mark.parametrize("is_prefill", [False, True])
-def test_paged_equals_contiguous_under_shuffled_blocks_with_nan(pa, is_prefill: bool) -> None:
+def test_paged_equals_contiguous_under_shuffled_blocks_with_garbage(pa, is_prefill: bool) -> None:
     torch.manual_seed(0)
     H, Hkv, D, BS = 6, 2, 59, 5                 # odd head dim and block size
     context = [13, 1, 7, 20]                    # tokens of each sequence after this step
@@ -46,8 +50,8 @@ def test_paged_equals_contiguous_under_shuffled_blocks_with_nan(pa, is_prefill: 
     NB = sum(math.ceil(c / BS) for c in context) + 3
     order = list(range(NB))
     random.Random(0).shuffle(order)             # physical blocks in random order
-    k_cache = torch.full((NB, BS, Hkv, D), float("nan"))   # NaN in every slot not written below
-    v_cache = torch.full((NB, BS, Hkv, D), float("nan"))
+    k_cache = torch.full((NB, BS, Hkv, D), GARBAGE)   # in every slot not written below
+    v_cache = torch.full((NB, BS, Hkv, D), GARBAGE)
     tables, ks, vs, used = [], [], [], 0
     for c in context:
         n = math.ceil(c / BS)
@@ -74,7 +78,7 @@ def test_paged_equals_contiguous_under_shuffled_blocks_with_nan(pa, is_prefill: 
     ref = torch.cat(refs)
     diff = (out - ref).abs()
     print(f"max diff {diff.max():.2e}, mean {diff.mean():.2e}")
-    assert not out.isnan().any(), "NaN from an unused slot leaked into the output"
+    assert out.abs().max() < 100, "an unused slot leaked into the output"
     assert diff.max().item() <= PAGED_FP32_ATOL
 
 
@@ -112,7 +116,7 @@ def test_engine_equals_transformers_generate(pa, tiny, chunked_prefill: bool,
     prompts, new_tokens, num_blocks = preempting_workload(random.Random(0), BS := 4)
     engine = pa.LLMEngine(tiny, num_blocks, BS, max_num_seqs=4, max_num_batched_tokens=7,
                           prefix_caching=prefix_caching, chunked_prefill=chunked_prefill)
-    engine.cache.fill_(float("nan"))            # a slot read before it is written shows up
+    engine.cache.fill_(GARBAGE)                 # a slot read before it is written shows up
     ours = engine.generate(prompts, new_tokens)
     expected = [hf_greedy(tiny, p, n) for p, n in zip(prompts, new_tokens)]
     bm = engine.block_manager

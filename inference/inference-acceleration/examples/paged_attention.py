@@ -12,8 +12,7 @@ Run it
     python inference/inference-acceleration/examples/paged_attention.py --model HuggingFaceTB/SmolLM2-135M-Instruct
 
 On SmolLM2 (CPU) it prints the same greedy tokens from all four methods, prefix-cache hits
-only with caching on, and the steps each took (with chunked prefill, chunks ride with decodes).
-"""
+only with caching on, and the steps each took (with chunked prefill, chunks ride with decodes)."""
 
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 SYSTEM = "You are a helpful assistant. Answer in one short sentence, plainly and politely.\n"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "To make a cup of tea, first"]
@@ -221,14 +221,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q (T, H, D) packed tokens of all sequences; k_cache, v_cache (NB, BS, Hkv, D)."""
     BS, out = k_cache.shape[1], []
     d = next((i for i, n in enumerate(meta.query_lens) if n > 1), len(meta.query_lens))
-    if d:                                  # all decodes in one batched call, no Python loop
-        pos = torch.arange(meta.block_tables.shape[1] * BS, device=q.device)      # (L,)
-        slots = meta.block_tables[:d, pos // BS] * BS + pos % BS                  # (d, L)
-        valid = pos < meta.context_lens[:d, None]                                 # (d, L)
-        k = k_cache.flatten(0, 1)[slots].transpose(1, 2)                  # (d, Hkv, L, D)
-        v = v_cache.flatten(0, 1)[slots].transpose(1, 2)                  # (d, Hkv, L, D)
-        v = v.masked_fill(~valid[:, None, :, None], 0.0)        # 0 x NaN would be NaN
-        out.append(attention(q[:d, None], k, v, valid[:, None]).squeeze(1))   # (d, H, D)
+    if d:    # all decodes in one fused call; slots past a length get weight 0 (they are finite)
+        k, v = (c.index_select(0, meta.block_tables[:d].flatten()).view(d, -1, *c.shape[2:])
+                .transpose(1, 2) for c in (k_cache, v_cache))       # (d, Hkv, L = MB BS, D)
+        valid = torch.arange(k.shape[2], device=q.device) < meta.context_lens[:d, None, None]
+        out.append(F.scaled_dot_product_attention(   # the G query heads of a KV head as G rows
+            q[:d].unflatten(1, (k.shape[1], -1)), k, v, valid[:, None]).flatten(1, 2))
     for i in range(d, len(meta.query_lens)):          # prompt chunks, one sequence at a time
         Tq, ctx, start = meta.query_lens[i], meta.host_context_lens[i], sum(meta.query_lens[:i])
         blocks = meta.block_tables[i, :math.ceil(ctx / BS)]
@@ -288,29 +286,33 @@ class CUDAGraphDecoder:
     def __init__(self, model, cache: torch.Tensor, max_num_seqs: int, max_blocks: int) -> None:
         dev, B = model.device, max_num_seqs
         self.buckets = [b for b in (1, 2, 4, 8) if b < B] + list(range(16, B, 16)) + [B]
+        # widths 4, 6, 8, 12, ... blocks: attention reads < 1.5x the batch's longest context
+        self.widths = sorted({min(f * 2**p, max_blocks) for f in (2, 3) for p in range(1, 12)})
         self.scratch = (cache.shape[2] - 1) * cache.shape[3]      # first slot of block NB
         self.ids, self.pos, self.ctx = torch.zeros(3, B, dtype=torch.long, device=dev)   # rows
         self.slots = torch.full((B,), self.scratch, dtype=torch.long, device=dev)
         self.tables = torch.zeros(B, max_blocks, dtype=torch.long, device=dev)
         self.graphs, self.logits, pool = {}, {}, None
-        for b in reversed(self.buckets):   # largest first: the others reuse its memory pool
-            meta = StepMeta(self.slots[:b], self.tables[:b], self.ctx[:b], [1] * b, [1] * b)
+        for b, w in [(b, w) for b in self.buckets[::-1] for w in self.widths[::-1]]:
+            meta = StepMeta(self.slots[:b], self.tables[:b, :w], self.ctx[:b], [1] * b, [1] * b)
             decoder_forward(model, self.ids[:b], self.pos[:b], cache, meta)   # warm-up
-            self.graphs[b] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graphs[b], pool):
-                self.logits[b] = decoder_forward(model, self.ids[:b], self.pos[:b], cache, meta)
-            pool = self.graphs[b].pool()
+            graph = self.graphs[b, w] = torch.cuda.CUDAGraph()   # largest first: the others
+            with torch.cuda.graph(graph, pool):                  # reuse its memory pool
+                self.logits[b, w] = decoder_forward(model, self.ids[:b], self.pos[:b], cache, meta)
+            pool = graph.pool()
 
     def __call__(self, ids: list[int], pos: list[int], slots: list[int],
                  tables: list[list[int]], ctx: list[int]) -> torch.Tensor:
         n, b = len(ids), next(b for b in self.buckets if b >= len(ids))
+        w = next(w for w in self.widths if w >= max(map(len, tables)))
         self.slots.fill_(self.scratch)
         self.ctx.fill_(1)
+        rows = [t + [0] * (w - len(t)) for t in tables]
         for buffer, values in ((self.ids, ids), (self.pos, pos), (self.slots, slots),
-                               (self.ctx, ctx), (self.tables, tables)):
+                               (self.ctx, ctx), (self.tables[:, :w], rows)):
             buffer[:n].copy_(torch.tensor(values))
-        self.graphs[b].replay()
-        return self.logits[b][:n]
+        self.graphs[b, w].replay()
+        return self.logits[b, w][:n]
 # --8<-- [end:cuda_graphs]
 
 
@@ -352,12 +354,11 @@ class LLMEngine:
         new = [(seq, p) for (seq, n), c in zip(batch, ctx) for p in range(c - n, c)]
         ids, pos = [seq.token_ids[p] for seq, p in new], [p for _, p in new]
         slots = [seq.block_table[p // BS] * BS + p % BS for seq, p in new]
-        MB = (-(-self.max_model_len // BS) if self.graphs      # graphs: one fixed table width
-              else max(len(seq.block_table) for seq, _ in batch))
-        tables = [seq.block_table + [0] * (MB - len(seq.block_table)) for seq, _ in batch]
         if self.graphs and len(new) == len(batch):             # decodes only: replay a graph
-            logits = self.graphs(ids, pos, slots, tables, ctx)
+            logits = self.graphs(ids, pos, slots, [seq.block_table for seq, _ in batch], ctx)
         else:
+            MB = max(len(seq.block_table) for seq, _ in batch)
+            tables = [seq.block_table + [0] * (MB - len(seq.block_table)) for seq, _ in batch]
             t = lambda values: torch.tensor(values, device=self.device)   # noqa: E731
             meta = StepMeta(t(slots), t(tables), t(ctx), [n for _, n in batch], ctx)
             logits = decoder_forward(self.model, t(ids), t(pos), self.cache, meta)
