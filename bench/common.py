@@ -325,6 +325,22 @@ def results_dir(args: argparse.Namespace, default: Path) -> Path:
     return folder
 
 
+def start(presets: dict[str, dict[str, Any]], args: argparse.Namespace,
+          results: Path) -> tuple[dict[str, Any], Path, "torch.device", "torch.dtype"]:
+    """The opening a timing bench shares: the preset's settings, the results folder (checked
+    writable), the device and dtype it names, its CPU thread count (if it sets one), autograd
+    off (timing only: eager warm-ups would otherwise keep tensors saved for a backward)."""
+    import torch
+
+    settings = resolve_preset(presets, args)
+    folder = results_dir(args, results)
+    device, dtype = resolve_device(settings["device"]), dtype_of(settings["dtype"])
+    if settings.get("threads"):
+        torch.set_num_threads(settings["threads"])
+    torch.set_grad_enabled(False)
+    return settings, folder, device, dtype
+
+
 def markdown_table(header: list[str], rows: list[list[Any]], align: str | None = None) -> str:
     """A GitHub Markdown table; `align` is one letter per column, l or r (numbers right)."""
     align = align or "l" + "r" * (len(header) - 1)

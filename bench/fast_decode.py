@@ -647,18 +647,12 @@ def load_models(settings: dict, device, dtype):
 def main(args) -> None:
     import torch
 
-    settings = common.resolve_preset(PRESETS, args)
-    folder = common.results_dir(args, common.ACCEL / "results")
-    device = common.resolve_device(settings["device"])
-    dtype = common.dtype_of(settings["dtype"])
+    settings, folder, device, dtype = common.start(PRESETS, args, common.ACCEL / "results")
     variants, batches = settings["variants"], settings["batch_sizes"]
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
     fused_variants = [v for v in variants if v.startswith("fused") or v == "int4_tinygemm"]
     if fused_variants and (device.type != "cuda" or dk.triton is None):
         common.fail(f"{', '.join(fused_variants)} need a CUDA GPU and triton: use --preset cpu")
     run_start = time.perf_counter()
-    torch.set_grad_enabled(False)
     hf, model, tokenizer = load_models(settings, device, dtype)
     c, T, G = model.config, settings["prompt_len"], settings["group_size"]
     if any(v.endswith("int4") or v == "int4_tinygemm" for v in variants) and \

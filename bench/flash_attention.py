@@ -287,18 +287,10 @@ def plot(result: dict, key: str):
 # The run
 # ---------------------------------------------------------------------------------------------
 def main(args) -> None:
-    import torch
-
-    settings = common.resolve_preset(PRESETS, args)
+    settings, folder, device, dtype = common.start(PRESETS, args, common.ACCEL / "results")
     if args.model:
         log("--model is not used: attention needs only the shapes in the preset")
-    folder = common.results_dir(args, common.ACCEL / "results")
-    device = common.resolve_device(settings["device"])
-    dtype = common.dtype_of(settings["dtype"])
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
     start = time.perf_counter()
-    torch.set_grad_enabled(False)
     impls = implementations(settings["impls"], settings["block"])
     _, fa_version = flash_attn_package()
     result: dict[str, Any] = {

@@ -338,14 +338,8 @@ def plot_memory(result: dict):
 def main(args) -> None:
     import torch
 
-    settings = common.resolve_preset(PRESETS, args)
-    folder = common.results_dir(args, common.ACCEL / "results")
-    device = common.resolve_device(settings["device"])
-    dtype = common.dtype_of(settings["dtype"])
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
+    settings, folder, device, dtype = common.start(PRESETS, args, common.ACCEL / "results")
     start = time.perf_counter()
-    torch.set_grad_enabled(False)
     torch.manual_seed(0)
     model, tokenizer, label = load_model(settings, device, dtype)
     max_pos = getattr(model.config, "max_position_embeddings", None)

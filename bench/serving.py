@@ -486,10 +486,7 @@ def plot_latency(result: dict):
 
 
 def main(args) -> None:
-    settings = common.resolve_preset(PRESETS, args)
-    folder = common.results_dir(args, common.ACCEL / "results")
-    device = common.resolve_device(settings["device"])
-    dtype = common.dtype_of(settings["dtype"])
+    settings, folder, device, dtype = common.start(PRESETS, args, common.ACCEL / "results")
     pa = common.load_script(SCRIPT)
     from transformers.utils import logging as hf_logging
 

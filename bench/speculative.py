@@ -503,19 +503,11 @@ def plot(result: dict):
 
 
 def main(args) -> None:
-    import torch
-
-    settings = common.resolve_preset(PRESETS, args)
-    folder = common.results_dir(args, common.ACCEL / "results")
-    device = common.resolve_device(settings["device"])
-    dtype = common.dtype_of(settings["dtype"])
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
+    settings, folder, device, dtype = common.start(PRESETS, args, common.ACCEL / "results")
     started = time.perf_counter()
     try:
-        with torch.no_grad():
-            small, _ = measure_small(settings, device, dtype)
-            big = measure_8b(settings, small, device, dtype) if settings["ks_8b"] else None
+        small, _ = measure_small(settings, device, dtype)
+        big = measure_8b(settings, small, device, dtype) if settings["ks_8b"] else None
         engine = measure_vllm(settings, small["grounded_prompts"]) if settings.get("vllm") else None
     except sd.Refusal as why:
         common.fail(str(why))
