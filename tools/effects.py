@@ -77,7 +77,7 @@ def batching_rows() -> tuple[list[Row], list[Row]]:
     path = ACCEL / "serving-h200.json"
     data = load(path)
     rows = rows_by_method(data["rows"])
-    engine = rows["paged engine, continuous batching"]["tokens_per_s"]
+    engine = rows["paged engine, chunked prefill"]["tokens_per_s"]
     padded = rows["transformers generate, padded batches"]["tokens_per_s"]
     n = data["workload"]["requests"]
     zh_extra = en_extra = ""
