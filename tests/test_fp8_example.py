@@ -3,7 +3,10 @@
 * the format table read from the bits against torch.finfo and the E4M3 / E5M2 formulas;
 * our FP8_DYNAMIC weight scales and codes against llm-compressor's saved checkpoint;
 * the simulated W8A8 linear against a float64 product of the same codes, and against the
-  unquantized layer; on a GPU, torch._scaled_mm and our Triton GEMV against the simulation;
+  unquantized layer;
+* the Triton kernels (in Triton's CPU interpreter, and compiled for Hopper without a GPU): the
+  activation pass gives quantize_activation's codes bit for bit (every E4M3 value, every tie),
+  the fused GEMV the simulated W8A8; on a GPU, the same, and torch._scaled_mm;
 * the FP8 KV cache: round trip, memory, the cache inside fast_decode.py's decoder against the
   attention function used with transformers, and a quality bound on SmolLM2;
 * MXFP4 / NVFP4 codes on their grids; the bench presets' schema; refusals.
@@ -17,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (ACCEL_EXAMPLES, QUANT_EXAMPLES, assert_refusal, assert_results_header, import_example,
-                      interpreted, run_bench, run_interpreted_tests, run_script)
+from conftest import (ACCEL_EXAMPLES, INTERPRETER, QUANT_EXAMPLES, assert_refusal, assert_results_header,
+                      import_example, interpreted, run_bench, run_interpreted_tests, run_script)
 from tolerances import (FP8_GPU_VS_SIMULATED_REL, FP8_KV_DECODER_VS_ATTENTION_REL, FP8_KV_KL_SMOLLM2,
                         FP8_SCALES_VS_LIBRARY, FP8_SIMULATED_VS_FP64_REL, FP8_W8A8_KL_SMOLLM2,
                         FP8_W8A8_LINEAR_REL, rel_err)
@@ -66,8 +69,7 @@ def test_simulated_w8a8_equals_the_product_of_its_codes(per_channel) -> None:
     layer = fp8.FP8Linear(W, per_channel)
     y = layer(x)                                                        # (2, 7, 96)
     xq, xs = fp8.quantize_activation(x.reshape(-1, 160), per_channel)
-    ref64 = (fp8.dequantize_fp8(xq, xs, torch.zeros_like(xs)).double()
-             @ fp8.dequantize_fp8(layer.weight, layer.scale, torch.zeros_like(layer.scale)).double().t())
+    ref64 = (xq.double() * xs.double()) @ (layer.weight.double() * layer.scale.double()).t()
     assert rel_err(y.reshape(-1, 96), ref64) <= FP8_SIMULATED_VS_FP64_REL
     assert rel_err(y, F.linear(x, W)) <= FP8_W8A8_LINEAR_REL  # the quantization error itself
 
@@ -150,7 +152,7 @@ def test_mxfp4_and_nvfp4_codes_lie_on_their_grids() -> None:
     for quantize in (fp8.quantize_mxfp4, fp8.quantize_nvfp4):
         q, scale, zero = quantize(W)
         assert bool(torch.isin(q.abs(), grid).all())
-        err = rel_err(fp8.dequantize_fp4(q, scale, zero), W)
+        err = rel_err((q * scale - zero).flatten(1), W)
         assert err < 0.2  # 4-bit floats: about 10 % on Gaussian weights, like INT4 groups
     _, mx_scale, _ = fp8.quantize_mxfp4(W)
     assert bool((torch.log2(mx_scale) == torch.log2(mx_scale).round()).all())  # powers of two (E8M0)
@@ -179,59 +181,126 @@ def test_refusals(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The Triton kernel on the CPU: Triton's interpreter (TRITON_INTERPRET=1, set before triton is
-# imported, so in a pytest process of its own) runs the kernel's code with NumPy.
+# The Triton kernels on the CPU: Triton's interpreter (TRITON_INTERPRET=1, set before triton is
+# imported, so in a pytest process of its own) runs the kernels' code with NumPy.
 # ---------------------------------------------------------------------------------------------
-def test_gemv_kernel_in_the_interpreter() -> None:
+def test_triton_kernels_in_the_interpreter() -> None:
     run_interpreted_tests(__file__)
+
+
+def every_e4m3_value_and_tie() -> torch.Tensor:
+    """One row whose max|x| is 448 (scale exactly 1): every finite E4M3 value, every midpoint
+    between neighbours (ties: to even, some carrying into the exponent), values just off the
+    midpoints, subnormals and below, each with both signs, and -0."""
+    values = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (values[1:] + values[:-1]) / 2
+    row = torch.cat([values, mid, mid * (1 + 2**-12), mid * (1 - 2**-12), values / 3, values * 2**-12])
+    return torch.cat([row, -row, torch.tensor([-0.0])])[None]           # (1, K)
+
+
+@interpreted
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_quantize_rows_gives_quantize_activation_codes_bit_for_bit(per_token, dtype) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(6, 1500) * torch.logspace(-6, 3, 1500)).to(dtype)  # K not a multiple of 1,024
+    x[2] = 0                                                   # an all-zero row: scale 1e-12
+    x[4, 700:] *= 1e4              # a few large values set the scale: the rest become subnormals or 0
+    for rows in (x, every_e4m3_value_and_tie().to(dtype)):
+        codes, scale = fp8.quantize_rows(rows, per_token)
+        ref_codes, ref_scale = fp8.quantize_activation(rows, per_token)
+        assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8))
+        assert torch.equal(scale, ref_scale)
 
 
 @interpreted
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("M, BLOCK_M, BLOCK_N, BLOCK_K", [(1, 1, 8, 128), (3, 16, 16, 64)])
+@pytest.mark.parametrize("M, BLOCK_M, BLOCK_N, BLOCK_K", [(1, 1, 8, 128), (3, 16, 16, 64), (16, 16, 32, 128)])
 def test_interpreted_gemv_equals_the_simulation(per_channel, M, BLOCK_M, BLOCK_N, BLOCK_K) -> None:
-    """The kernel itself (the autotuner needs a GPU to time its candidates): N = 40 is not a
-    multiple of the tile, so the masks are exercised too."""
+    """The fused kernel itself (the autotuner needs a GPU to time its candidates) from the raw
+    activations: N = 40 and K = 320 are not multiples of the tiles, so the masks are exercised."""
     torch.manual_seed(0)
-    N, K = 40, 256
+    N, K = 40, 320
     layer = fp8.FP8Linear(torch.randn(N, K) * 0.02, per_channel)
-    x = torch.randn(M, K)
-    xq, xs = fp8.quantize_activation(x, per_channel)
+    x = torch.randn(M, K) * torch.linspace(0.1, 4, K)
     y = torch.empty(M, N)
     grid = (fp8.triton.cdiv(N, BLOCK_N),)
-    fp8._fp8_gemv[grid](xq, xs, layer.weight, layer.scale, y, M, N, K, int(M > 1 and per_channel),
-                               int(per_channel), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    fp8._fp8_gemv[grid](x, layer.weight, layer.scale, y, M, N, K, int(per_channel), PER_TOKEN=per_channel,
+                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     assert rel_err(y, layer(x)) <= FP8_SIMULATED_VS_FP64_REL
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: the two FP8 kernels against the simulation (run by `make test-gpu` on an H100 / H200)
+# The kernels compiled for Hopper (sm_90) by the local Triton, no GPU needed: they build, and the
+# divisions are IEEE-rounded like torch's (Triton's `/` on fp32 is an approximate division).
+# ---------------------------------------------------------------------------------------------
+def compile_for_hopper(fn, types: dict, constexprs: dict, warps: int = 4, stages: int = 3) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types.values())}
+    source = triton.compiler.ASTSource(fn, signature={**types, **dict.fromkeys(constexprs, "constexpr")},
+                                       constexprs=constexprs, attrs=aligned)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps, "num_stages": stages})
+    return kernel.asm["ptx"]
+
+
+@pytest.mark.skipif(INTERPRETER or fp8.triton is None, reason="compiles with the real Triton")
+def test_kernels_compile_for_hopper() -> None:
+    ptx = [compile_for_hopper(fp8._quantize_rows, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                                                   "K": "i32"}, {"PER_TOKEN": per_token, "BK": 1024})
+           for per_token in (True, False)]
+    gemv_args = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32",
+                 "N": "i32", "K": "i32", "s_stride": "i32"}
+    for config in fp8._gemv1.configs + fp8._gemv16.configs:  # every autotuning candidate
+        ptx.append(compile_for_hopper(fp8._fp8_gemv, gemv_args, {"PER_TOKEN": True, **config.kwargs},
+                                      config.num_warps, config.num_stages))
+    for code in ptx:
+        assert "div.rn.f32" in code and "div.full.f32" not in code and "div.approx.f32" not in code
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the kernels against the simulation (run by `make test-gpu` on an H100 / H200)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("M", [1, 3, 16, 64])
-def test_scaled_mm_and_gemv_equal_the_simulation(per_channel, M) -> None:
+def test_triton_kernels_and_scaled_mm_equal_the_simulation(per_channel, M) -> None:
     torch.manual_seed(0)
     N, K = 1040, 4096  # N not a multiple of the GEMV's tiles
     W = (torch.randn(N, K) * 0.02).cuda()
     x = (torch.randn(M, K) * torch.linspace(0.1, 4, K)).cuda().bfloat16()
     layer = fp8.FP8Linear(W, per_channel)
     simulated = fp8.FP8Linear(W, per_channel).cpu()(x.float().cpu())     # the CPU path
-    xq, xs = fp8.quantize_activation(x, per_channel)
+    # The reference runs on the CPU: torch on CUDA divides by a Python scalar as a product with
+    # its reciprocal (scales an ulp off max|x| / 448); the kernel divides exactly, as the CPU.
+    xq, xs = fp8.quantize_rows(x, per_channel)
+    ref_q, ref_s = fp8.quantize_activation(x.cpu(), per_channel)
+    assert torch.equal(xq.cpu().float(), ref_q.float()) and torch.equal(xs.cpu(), ref_s)
+    ties = every_e4m3_value_and_tie()  # compared as values: the GPU may write -0 as +0
+    assert torch.equal(fp8.quantize_rows(ties.cuda(), True)[0].cpu().float(),
+                       fp8.quantize_activation(ties, True)[0].float())
     scaled_mm = torch._scaled_mm(xq, layer.weight.t(), scale_a=xs, scale_b=layer.scale.t(),
                                  out_dtype=torch.bfloat16)
     assert rel_err(scaled_mm.cpu(), simulated) <= FP8_GPU_VS_SIMULATED_REL
     if M <= 16:
-        gemv = fp8.fp8_gemv(xq, xs, layer.weight, layer.scale, torch.bfloat16)
+        gemv = fp8.fp8_gemv(x, layer.weight, layer.scale, per_channel)
         assert rel_err(gemv.cpu(), simulated) <= FP8_GPU_VS_SIMULATED_REL
-    assert rel_err(layer(x).cpu(), simulated) <= FP8_GPU_VS_SIMULATED_REL
+    for gemv_on in (True, False):  # the module's own dispatch, both paths
+        layer.gemv = gemv_on
+        assert rel_err(layer(x).cpu(), simulated) <= FP8_GPU_VS_SIMULATED_REL
 
 
 @pytest.mark.gpu
 def test_bench_h200_preset_quick(tmp_path) -> None:
     result = run_bench("fp8", "h200", tmp_path)
     assert_results_header(result)
-    assert {r["variant"] for r in result["decode"]} == {"bf16", "fp8_scaled_mm", "fp8_gemv"}
+    scaled_mm, gemv = {"fp8_channel_scaled_mm", "fp8_tensor_scaled_mm"}, {"fp8_channel_gemv", "fp8_tensor_gemv"}
+    assert {r["variant"] for r in result["prefill"]} == {"bf16"} | scaled_mm
+    assert {r["variant"] for r in result["decode"]} == {"bf16"} | scaled_mm | gemv
+    assert {"bf16", "fp8_rowwise", "fp8_tensorwise"} == set(result["matmul_peak_tflops"])
+    assert {(r["tokens"], r["per_token"]) for r in result["activation_quantization"]} >= {(1, True), (1, False)}
     assert [r["kv_cache"] for r in result["long_context"]] == ["bf16", "fp8"]
     bf16_gb, fp8_gb = (r["kv_cache_gb"] for r in result["long_context"])
     assert fp8_gb * 2 == pytest.approx(bf16_gb)

