@@ -348,8 +348,8 @@ def included_results(page: Path) -> tuple[str, list[float]]:
 
 def measured(figure: str, tables: str, numbers: list[float]) -> bool:
     plain = figure.replace(",", "")
-    if figure in tables or plain in tables:
-        return True
+    if any(re.search(rf"(?<![\d.,]){re.escape(f)}(?!\d)", tables) for f in {figure, plain}):
+        return True                                  # a whole number there, not a part of one
     decimals = len(plain.split(".")[1]) if "." in plain else 0
     return any(round(n, decimals) == float(plain) for n in numbers)
 
