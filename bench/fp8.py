@@ -384,7 +384,7 @@ def run_h200(settings) -> dict:
 def activation_quantization(fp8, timing, device, K: int, token_counts: list[int]) -> list[dict]:
     """Quantizing one activation (M, K) to E4M3 codes and scales, each way in a CUDA graph: the
     torch ops of quantize_activation (abs, amax, divide, clamp, cast: a kernel each) against
-    the one Triton pass of quantize_rows; both give the same codes (tests/ checks bit for bit)."""
+    the one Triton pass of quantize_rows, whose codes equal the CPU's (tests/ checks bit for bit)."""
     import torch
 
     rows = []
@@ -457,7 +457,8 @@ WORDS = {
                   "activation codes come from one Triton pass, and up to 16 rows our Triton GEMV "
                   "quantizes and multiplies in one launch.",
            "quant": "Quantizing one activation (M, {k}) to E4M3 codes and scales, in a CUDA graph: the "
-                    "torch ops (a kernel each) against our one Triton pass (the same codes).",
+                    "torch ops (a kernel each) against our one Triton pass (its codes equal quantize_activation's "
+                    "on the CPU; torch on CUDA rounds the scale by a reciprocal, an ulp apart at most).",
            "qhead": ["tokens M", "scales", "torch ops, µs", "Triton pass, µs", "speed-up"],
            "pertoken": "per token", "pertensor": "per tensor",
            "prefill": "Prefill, batch 1 (logits of the last token); roofline = the measured matmul "
@@ -483,7 +484,8 @@ WORDS = {
                   "TFLOP/s。逐通道 + 逐词元走 cuBLASLt 的行级缩放 FP8 矩阵乘，逐张量走其张量级缩放版本；"
                   "激活编码由一次 Triton 遍历写出，不超过 16 行时由我们的 Triton GEMV 在一次启动里量化并相乘。",
            "quant": "把一个激活 (M, {k}) 量化成 E4M3 编码和缩放系数，录在 CUDA graph 中：torch 算子"
-                    "（每步一个内核）对比我们的一次 Triton 遍历（编码完全相同）。",
+                    "（每步一个内核）对比我们的一次 Triton 遍历（编码与 CPU 上 quantize_activation 的完全相同；"
+                    "CUDA 上的 torch 用倒数算缩放系数，最多差一个 ulp）。",
            "qhead": ["词元数 M", "缩放", "torch 算子，µs", "Triton 遍历，µs", "加速比"],
            "pertoken": "逐词元", "pertensor": "逐张量",
            "prefill": "预填充，批大小 1（只算最后一个词元的 logits）；屋顶线 = 该变体缩放方式实测的矩阵乘峰值。",
