@@ -236,6 +236,24 @@ def sync(device: "torch.device") -> None:
         torch.cuda.synchronize(device)
 
 
+def capture_graph(fn: Callable[[], Any]) -> tuple["torch.cuda.CUDAGraph", Any]:
+    """Record fn() in a CUDA graph after two warm-up calls on a side stream (cuBLAS handles,
+    Triton autotuning and allocations happen there, not in the graph): (graph, fn's output,
+    which each replay rewrites in place)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def time_ms(fn: Callable[[], Any], device: "torch.device", warmup: int = 1,
             repeats: int = 3) -> list[float]:
     """Milliseconds of each of `repeats` calls of fn, after `warmup` calls that are not counted."""

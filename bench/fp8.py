@@ -231,19 +231,8 @@ def run_cpu(settings) -> dict:
 # GPU: speed
 # ---------------------------------------------------------------------------------------------
 def graphed(fn):
-    """Record fn() once in a CUDA graph (after warm-up calls on a side stream); return replay."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up: cuBLAS handles, Triton autotuning, allocations
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """fn() recorded once in a CUDA graph: its replay."""
+    return common.capture_graph(fn)[0].replay
 
 
 def last_token_logits(model, tokens, input_pos):

@@ -121,15 +121,7 @@ class GraphedForward:
         tok = torch.zeros(1, T, dtype=torch.long, device=dev)
         pos = torch.arange(self.model.max_len - T, self.model.max_len, device=dev)
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.no_grad(), torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.eager(tok, pos, n_layers)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(graph):
-                out = self.eager(tok, pos, n_layers)
+            graph, out = common.capture_graph(lambda: self.eager(tok, pos, n_layers))
         except RuntimeError as error:   # an op that cannot be captured: this shape runs eagerly
             log(f"CUDA graph capture failed for T={T}: {str(error).splitlines()[0][:200]}")
             self.failures.append(key)
