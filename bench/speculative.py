@@ -124,7 +124,7 @@ class GraphedForward:
             graph, out = common.capture_graph(lambda: self.eager(tok, pos, n_layers))
         except RuntimeError as error:   # an op that cannot be captured: this shape runs eagerly
             log(f"CUDA graph capture failed for T={T}: {str(error).splitlines()[0][:200]}")
-            self.failures.append(key)
+            self.failures.append((T, n_layers))
             return None
         return graph, tok, pos, out
 
