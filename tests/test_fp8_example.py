@@ -170,7 +170,16 @@ def test_bench_cpu_preset_quick(tiny_model, tmp_path) -> None:
 def test_script_runs_as_a_reader_runs_it(tiny_model) -> None:
     proc = run_script(SCRIPT, "--model", tiny_model, "--eval-tokens", "128", "--seqlen", "64",
                       "--no-library", "--quiet")
-    assert "E4M3" in proc.stdout and "FP8 per channel + per token" in proc.stdout
+    assert "E4M3: max 448," in proc.stdout and "E5M2: max 57344," in proc.stdout  # from the bits
+    rows = {line[:30].strip(): line[30:].split() for line in proc.stdout.splitlines()
+            if line.startswith(("FP (", "FP8 ", "  + FP8"))}
+    assert set(rows) == {"FP (unquantized)", "FP8 per tensor", "FP8 per channel + per token",
+                         "+ FP8 KV cache (per head)"}, proc.stdout
+    fp_ppl, _, _, fp_kl, fp_top1 = rows.pop("FP (unquantized)")
+    assert float(fp_kl) == 0 and fp_top1 == "100.0%"  # the model against itself
+    for ppl, _, _, kl, top1 in rows.values():           # FP8 moves the model, but not far
+        assert float(kl) >= 0 and 50 <= float(top1.rstrip("%")) <= 100
+        assert abs(float(ppl) / float(fp_ppl) - 1) < 0.1
 
 
 def test_refusals(tmp_path) -> None:
