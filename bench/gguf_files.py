@@ -1,10 +1,12 @@
-"""GGUF files of the small model: size, exactness of our encoder, quality, llama.cpp speed.
+"""GGUF files of the small model: size, quality and llama.cpp speed, ours and llama.cpp's quantizer.
 
 Loads inference/quantization/examples/gguf_example.py, writes one GGUF file per type (F16, Q8_0,
-Q4_0) with it, reads each back (our torch encoder against the file's bytes), loads each through
-transformers and compares it with the FP32 model on the same evaluation tokens (perplexity with
-its standard error, mean KL divergence, top-1 agreement; windows of `context` tokens), and, where
-llama-cpp-python is installed, times llama.cpp's greedy generation (one warm-up, then repeats).
+Q4_0) with it and reads each back; where llama-cpp-python is installed, llama.cpp's quantizer
+turns the F16 file into k-quant and i-quant files, each without and with an importance matrix
+computed on calibration text that the evaluation never sees. Every file is loaded through
+transformers and compared with the FP32 model on the same evaluation tokens (perplexity with its
+standard error, mean KL divergence, top-1 agreement; windows of `context` tokens), and llama.cpp
+times its greedy generation (one warm-up, then repeats).
 
     gguf-<preset>.{json,md,en.md,png}
 
@@ -22,10 +24,13 @@ import common  # bench/ is on sys.path: it is the folder of the script being run
 
 PRESETS = {
     "cpu": {
-        "about": "SmolLM2-135M as F16, Q8_0 and Q4_0 GGUF; 4096 evaluation tokens; llama.cpp on 1 thread",
+        "about": "SmolLM2-135M as GGUF: F16, Q8_0, Q4_0 (ours), Q4_K_M, Q5_K_M, IQ4_XS (llama.cpp, "
+                 "with and without imatrix); 4096 evaluation tokens; llama.cpp on 1 thread",
         "model": "smollm2",
         "device": "cpu",
         "types": ["F16", "Q8_0", "Q4_0"],
+        "llama_cpp_types": ["Q4_K_M", "Q5_K_M", "IQ4_XS"],
+        "imatrix_tokens": 4096,
         "tokenizer_pre": "smollm",
         "eval_tokens": 4096,
         "context": 512,
@@ -33,8 +38,9 @@ PRESETS = {
         "prompt": "The capital of France is",
         "max_new_tokens": 64,
         "repeats": 3,
-        "quick": {"types": ["Q8_0", "Q4_0"], "tokenizer_pre": "gpt2", "eval_tokens": 128,
-                  "context": 64, "max_new_tokens": 8, "repeats": 1},
+        "quick": {"types": ["F16", "Q4_0"], "llama_cpp_types": ["Q4_K_M"], "imatrix_tokens": 128,
+                  "tokenizer_pre": "gpt-2", "eval_tokens": 128, "context": 64, "max_new_tokens": 8,
+                  "repeats": 1},
     },
 }
 
@@ -78,35 +84,74 @@ def llama_cpp_speed(ge, path: Path, settings: dict) -> dict:
             "threads": settings["threads"]}
 
 
+def write_files(ge, model, tokenizer, tensors, settings: dict, device, have_llama_cpp: bool,
+                folder: Path) -> list[tuple[str, str, Path, dict | None]]:
+    """Our files (gguf-py), then llama.cpp's quantizer on our F16 file, without and with an
+    importance matrix from calibration text: (type, made by, path, what ours decode to)."""
+    stem = folder / Path(settings["model"]).name
+
+    def ours(qtype: str) -> tuple[str, str, Path, dict]:
+        path = Path(f"{stem}-{qtype}.gguf")
+        header = lambda w: ge.add_metadata(w, model.config, tokenizer, qtype, settings["tokenizer_pre"])
+        return qtype, "gguf-py", path, ge.write_gguf(path, tensors, qtype, header, quiet=True)
+
+    files = [ours(qtype) for qtype in settings["types"]]
+    if not (have_llama_cpp and settings["llama_cpp_types"]):
+        return files
+    source = Path(f"{stem}-F16.gguf")
+    if not source.exists():
+        ours("F16")
+    calibration = tokenizer(common.pydoc_corpus()[0], return_tensors="pt")["input_ids"]
+    imatrix = ge.importance_matrix(model, calibration[:, : settings["imatrix_tokens"]].to(device),
+                                   settings["context"])
+    for qtype in settings["llama_cpp_types"]:
+        for made_by, matrix in (("llama.cpp", None), ("llama.cpp + imatrix", imatrix)):
+            path = Path(f"{stem}-{qtype}-{'imatrix' if matrix else 'plain'}.gguf")
+            ge.llama_cpp_quantize(source, path, qtype, matrix, threads=settings["threads"])
+            files.append((qtype, made_by, path, None))
+    return files
+
+
 def tables(result: dict) -> dict[str, str]:
-    s, fp = result["settings"], result["fp32"]
+    s, fp, v = result["settings"], result["fp32"], result["versions"]
     ran = result["llama_cpp"] == "ran"
     speed_zh = (f"llama.cpp 每秒词元数:{s['repeats']} 次贪心生成({s['max_new_tokens']} 个词元)的中位数,"
                 f"{s['threads']} 个线程" if ran else "llama.cpp:未运行(未安装 llama-cpp-python)")
     speed_en = (f"llama.cpp tokens/s: median of {s['repeats']} greedy generations of {s['max_new_tokens']} "
                 f"tokens, {s['threads']} thread(s)" if ran else f"llama.cpp: {NOT_INSTALLED}")
+    made_zh = (f"其余文件由 llama.cpp 的量化器(llama-cpp-python {v.get('llama_cpp_python', '?')})从 F16 文件生成,"
+               f"标 imatrix 的用 {s['imatrix_tokens']} 个校准词元的重要性矩阵;" if ran else "")
+    made_en = (f"the other files made from the F16 file by llama.cpp's quantizer (llama-cpp-python "
+               f"{v.get('llama_cpp_python', '?')}), with an importance matrix from {s['imatrix_tokens']} "
+               f"calibration tokens where marked; " if ran else "")
     caption = {
-        "zh": f"`{Path(s['model']).name}` 用 gguf {result['versions'].get('gguf', '?')} 写成 GGUF;"
+        "zh": f"`{Path(s['model']).name}`:{', '.join(s['types'])} 用 gguf {v.get('gguf', '?')} 写成;{made_zh}"
               f"质量:{fp['eval_tokens']} 个评测词元(上下文 {s['context']}),与 FP32 模型对比,"
               f"GGUF 经 transformers 读回(加载后反量化为 FP32,每个模型 {fp['param_mb']:.0f} MB);"
               f"{speed_zh}。{result['hardware']}。",
-        "en": f"`{Path(s['model']).name}` written as GGUF with gguf {result['versions'].get('gguf', '?')}; "
-              f"quality on {fp['eval_tokens']} evaluation tokens (context {s['context']}) against the FP32 "
-              f"model, GGUF loaded back through transformers (dequantized to FP32 on load, "
+        "en": f"`{Path(s['model']).name}`: {', '.join(s['types'])} written with gguf {v.get('gguf', '?')}; "
+              f"{made_en}quality on {fp['eval_tokens']} evaluation tokens (context {s['context']}) against "
+              f"the FP32 model, GGUF loaded back through transformers (dequantized to FP32 on load, "
               f"{fp['param_mb']:.0f} MB each); {speed_en}. {result['hardware']}.",
     }
-    header = {"zh": ["文件", "大小 (MB)", "比特/权重", "线性层权重误差", "困惑度", "KL", "top-1 一致率",
+    header = {"zh": ["文件", "由谁量化", "大小 (MB)", "比特/权重", "线性层权重误差", "困惑度", "KL", "top-1 一致率",
                      "llama.cpp 词元/秒"],
-              "en": ["file", "size (MB)", "bits/weight", "linear-weight error", "perplexity", "KL", "top-1",
-                     "llama.cpp tokens/s"]}
-    rows = [["FP32 (transformers)", "-", "32", "0", f"{fp['perplexity']:.3f} ± {fp['ppl_stderr']:.3f}",
+              "en": ["file", "made by", "size (MB)", "bits/weight", "linear-weight error", "perplexity", "KL",
+                     "top-1", "llama.cpp tokens/s"]}
+    rows = [["FP32", "transformers", "-", "32", "0", f"{fp['perplexity']:.3f} ± {fp['ppl_stderr']:.3f}",
              "0", "1", "-"]]
+    types = []
     for r in result["rows"]:
         speed = f"{r['llama_cpp']['tokens_per_s']:.0f}" if "llama_cpp" in r else "-"
-        rows.append([r["qtype"], f"{r['file_mb']:.1f}", f"{r['bits_per_weight']:.2f}",
+        rows.append([r["qtype"], r["made_by"], f"{r['file_mb']:.1f}", f"{r['bits_per_weight']:.2f}",
                      f"{r['linear_rel_error']:.4f}", f"{r['perplexity']:.3f} ± {r['ppl_stderr']:.3f}",
                      f"{r['kl']:.4f}", f"{r['top1']:.3f}", speed])
-    return {lang: caption[lang] + "\n\n" + common.markdown_table(header[lang], rows) for lang in ("zh", "en")}
+        counts = sorted(r["tensor_types"].items(), key=lambda kv: -kv[1])
+        types.append([r["qtype"], r["made_by"], ", ".join(f"{t} × {n}" for t, n in counts)])
+    types_header = {"zh": ["文件", "由谁量化", "各 GGML 类型的张量数"],
+                    "en": ["file", "made by", "tensors per GGML type"]}
+    return {lang: caption[lang] + "\n\n" + common.markdown_table(header[lang], rows) + "\n\n"
+            + common.markdown_table(types_header[lang], types) for lang in ("zh", "en")}
 
 
 def plot_perplexity(result: dict):
@@ -116,7 +161,8 @@ def plot_perplexity(result: dict):
         ax.errorbar([r["bits_per_weight"] for r in rows], [r["perplexity"] for r in rows],
                     yerr=[r["ppl_stderr"] for r in rows], fmt="o", capsize=4)
         for r in rows:
-            ax.annotate(r["qtype"], (r["bits_per_weight"], r["perplexity"]), textcoords="offset points",
+            label = r["qtype"] + (" + imatrix" if r["made_by"].endswith("imatrix") else "")
+            ax.annotate(label, (r["bits_per_weight"], r["perplexity"]), textcoords="offset points",
                         xytext=(6, 4))
         ax.axhline(result["fp32"]["perplexity"], linestyle="--", color="gray", label="FP32")
         ax.set_xlabel("bits per weight (file size × 8 / parameters)")
@@ -144,14 +190,12 @@ def main(args) -> None:
     have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
     if not have_llama_cpp:
         print(f"llama.cpp: {NOT_INSTALLED}")
-    rows, fp32 = [], None
     with tempfile.TemporaryDirectory(prefix="gguf-bench-") as tmp:
-        for qtype in settings["types"]:
-            path = Path(tmp) / f"{Path(settings['model']).name}-{qtype}.gguf"
-            header = lambda w, q=qtype: ge.add_metadata(w, model.config, tokenizer, q, settings["tokenizer_pre"])
-            expected = ge.write_gguf(path, tensors, qtype, header, quiet=True)
+        files = write_files(ge, model, tokenizer, tensors, settings, device, have_llama_cpp, Path(tmp))
+        rows, fp32 = [], None
+        for qtype, made_by, path, expected in files:
             size = path.stat().st_size
-            row = {"qtype": qtype, "file_mb": size / 1e6, "bits_per_weight": 8 * size / n_params,
+            row = {"qtype": qtype, "made_by": made_by, "file_mb": size / 1e6, "bits_per_weight": 8 * size / n_params,
                    **ge.check_file(path, tensors, expected)}
             loaded = ge.load_gguf_in_transformers(path, device)
             row["transformers_param_mb"] = sum(p.numel() * p.element_size() for p in loaded.parameters()) / 1e6
@@ -162,8 +206,8 @@ def main(args) -> None:
             if have_llama_cpp:
                 row["llama_cpp"] = llama_cpp_speed(ge, path, settings)
             rows.append(row)
-            print(f"{qtype}: {row['file_mb']:.1f} MB, ours = file on {row['scratch_bytes_equal']}/"
-                  f"{row['quantized_tensors']} tensors, ppl {row['perplexity']:.3f}, KL {row['kl']:.4f}", flush=True)
+            print(f"{qtype} ({made_by}): {row['file_mb']:.1f} MB, ppl {row['perplexity']:.3f}, KL {row['kl']:.4f}",
+                  flush=True)
     fp32.update(eval_tokens=rows[0]["eval_tokens"],
                 param_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6)
     result = {**common.results_header(settings, args, device, ("gguf", "llama_cpp_python")),

@@ -1,10 +1,10 @@
-"""gguf_example.py: our block encoders against gguf-py's, the written file, quality, llama.cpp.
+"""gguf_example.py: the written file, quality, the importance matrix, llama.cpp's quantizer and runtime.
 
-The outside references: `gguf.quants.quantize` (llama.cpp's own Python encoder, bit-exact with
-ggml-quants.c) for Q8_0, Q4_0 and Q4_1, compared byte for byte on real SmolLM2 rows; the
-original SmolLM2 GGUF file made by llama.cpp's converter for the tensor names and the RoPE row
-permutation. The llama.cpp run needs llama-cpp-python (compiled from source, minutes): its test
-is marked `llamacpp` and skipped, with that reason, where the bindings are not installed.
+The outside references: the original SmolLM2 GGUF file made by llama.cpp's converter, for the
+tensor names and the RoPE row permutation; `gguf.quants.quantize` for the bytes of the written
+file; the model's own modules, for the importance matrix; llama.cpp itself (llama-cpp-python,
+compiled from source by `make setup`), which must accept our importance matrix and run our files.
+Its tests are marked `llamacpp` and skipped, with that reason, where the bindings are not installed.
 """
 
 from __future__ import annotations
@@ -18,74 +18,21 @@ import torch
 
 from conftest import (QUANT_EXAMPLES, REPO_ROOT, assert_refusal, assert_results_header, import_example,
                       run_bench, run_script)
-from tolerances import GGUF_BYTES_EQUAL
 
 SCRIPT = QUANT_EXAMPLES / "gguf_example.py"
 ge = import_example(SCRIPT)
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
+def needs_llama_cpp() -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make setup` compiles it "
+                                            "(about 5 minutes on 2 cores), or pip install llama-cpp-python==0.3.36")
+
+
 @pytest.fixture(scope="module")
 def smollm2_model(smollm2):
     model, tokenizer = ge.load_model(str(smollm2), torch.device("cpu"))
     return model, tokenizer
-
-
-def smollm2_rows(model) -> dict[str, np.ndarray]:
-    """Rows of several layers: attention and MLP weights of the first, a middle and the last layer."""
-    last = model.config.num_hidden_layers - 1
-    picked = {}
-    for name, W in ge.gguf_tensors(model):
-        if W.ndim == 2 and any(name.startswith(f"blk.{i}.") for i in (0, last // 2, last)):
-            picked[name] = W[:64]  # 64 rows each keeps the test quick
-    return picked
-
-
-def differing_bytes(ours: np.ndarray, theirs: np.ndarray) -> int:
-    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == np.uint8
-    count = int((ours != theirs).sum())
-    print(f"{count} of {ours.size} bytes differ")
-    return count
-
-
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
-def test_block_encoders_equal_gguf_py_bit_for_bit(smollm2_model, qtype):
-    import gguf
-
-    model, _ = smollm2_model
-    torch.manual_seed(0)
-    gaussian = torch.randn(16, 256).numpy()
-    gaussian[0, :32] = 0.0  # an all-zero block
-    gaussian[1, :32] = np.linspace(-1, 1, 32)  # a block with exact ties
-    rows = {**smollm2_rows(model), "gaussian": gaussian}
-    assert len(rows) >= 3 * 7 + 1
-    quantize, dequantize = ge.SCRATCH[qtype]
-    ggml_type = gguf.GGMLQuantizationType[qtype]
-    for name, W in rows.items():
-        ours = ge.to_block_bytes(qtype, *quantize(torch.from_numpy(W)))
-        theirs = gguf.quants.quantize(W, ggml_type)
-        print(name, qtype)
-        assert differing_bytes(ours, theirs) <= GGUF_BYTES_EQUAL
-        # and our dequantize reads the library's blocks back to the same values
-        assert np.array_equal(dequantize(*quantize(torch.from_numpy(W))).numpy(),
-                              gguf.quants.dequantize(theirs, ggml_type))
-
-
-def test_a_wrong_q4_0_scale_is_caught(smollm2_model, monkeypatch):
-    """The comparison above fails for an encoder with d = m / -7 instead of m / -8."""
-    import gguf
-
-    model, _ = smollm2_model
-    W = next(iter(smollm2_rows(model).values()))
-    true_div = torch.Tensor.__truediv__
-
-    def minus_seven(self, other):  # the encoder's `m / -8`, made `m / -7`
-        return true_div(self, -7) if isinstance(other, (int, float)) and other == -8 else true_div(self, other)
-
-    monkeypatch.setattr(torch.Tensor, "__truediv__", minus_seven)
-    wrong = ge.to_block_bytes("Q4_0", *ge.quantize_q4_0(torch.from_numpy(W)))
-    monkeypatch.undo()
-    assert differing_bytes(wrong, gguf.quants.quantize(W, gguf.GGMLQuantizationType.Q4_0)) > 0
 
 
 def test_names_and_rope_permutation_match_the_original_smollm2_file(smollm2_model):
@@ -111,9 +58,9 @@ def test_names_and_rope_permutation_match_the_original_smollm2_file(smollm2_mode
 def test_written_file_holds_the_library_encoding_and_loads_in_transformers(tiny_model, tmp_path):
     import gguf
 
-    proc = run_script(SCRIPT, "--model", tiny_model, "--tokenizer-pre", "gpt2", "--device", "cpu",
+    proc = run_script(SCRIPT, "--model", tiny_model, "--tokenizer-pre", "gpt-2", "--device", "cpu",
                       "--types", "Q8_0", "Q4_0", "--out-dir", tmp_path, "--eval-tokens", "32", "--quiet")
-    assert "ours = gguf-py" in proc.stdout and "Q4_0" in proc.stdout
+    assert "gguf-py" in proc.stdout and "Q4_0" in proc.stdout
     assert not list(tmp_path.glob("*.partial"))
     model, tokenizer = ge.load_model(str(tiny_model), torch.device("cpu"))
     source = dict(ge.gguf_tensors(model))
@@ -169,11 +116,14 @@ def test_bench_preset_cpu_writes_its_schema(tiny_model, tmp_path):
     assert_results_header(result)
     assert result["llama_cpp"] == ("ran" if HAVE_LLAMA_CPP else "not run: llama-cpp-python not installed")
     assert {"perplexity", "ppl_stderr", "eval_tokens", "param_mb"} <= set(result["fp32"])
-    rows = {r["qtype"]: r for r in result["rows"]}
-    assert set(rows) == set(result["settings"]["types"])
+    rows = {(r["qtype"], r["made_by"]): r for r in result["rows"]}
+    settings = result["settings"]
+    expected = {(t, "gguf-py") for t in settings["types"]}
+    if HAVE_LLAMA_CPP:
+        expected |= {(t, by) for t in settings["llama_cpp_types"] for by in ("llama.cpp", "llama.cpp + imatrix")}
+    assert set(rows) == expected
     for r in rows.values():
-        for key in ("file_mb", "bits_per_weight", "tensor_types", "file_vs_memory_max_abs_diff",
-                    "scratch_bytes_equal", "quantized_tensors", "linear_rel_error", "perplexity",
+        for key in ("made_by", "file_mb", "bits_per_weight", "tensor_types", "linear_rel_error", "perplexity",
                     "ppl_stderr", "kl", "top1", "eval_tokens", "transformers_param_mb"):
             assert key in r, key
         assert ("llama_cpp" in r) == HAVE_LLAMA_CPP
@@ -183,8 +133,7 @@ def test_bench_preset_cpu_writes_its_schema(tiny_model, tmp_path):
 
 @pytest.mark.llamacpp
 def test_llama_cpp_runs_the_written_files(smollm2_model, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36 "
-                                            "(compiles llama.cpp, about 3.5 min on 2 cores)")
+    needs_llama_cpp()
     model, tokenizer = smollm2_model
     tensors = ge.gguf_tensors(model)
     path = tmp_path / "smollm2-Q8_0.gguf"
@@ -194,3 +143,65 @@ def test_llama_cpp_runs_the_written_files(smollm2_model, tmp_path):
     print(repr(text))
     assert n_new > 0
     assert "Paris" in text, "llama.cpp must load our file and answer like the FP model"
+
+
+def test_importance_matrix_is_the_mean_square_of_each_linear_input(tiny_model):
+    """Checked against the model's own modules, not hooks: layer 0's attention reads
+    input_layernorm(embed(ids)), so q, k and v share one vector, the mean of x_k² over tokens."""
+    model, tokenizer = ge.load_model(str(tiny_model), torch.device("cpu"))
+    ids = tokenizer("def f(x):\n    return x * 2\n" * 8, return_tensors="pt")["input_ids"][:, :48]
+    imatrix = ge.importance_matrix(model, ids, context=16)  # three windows of 16
+    layers = model.config.num_hidden_layers
+    names = {name for name, W in ge.gguf_tensors(model) if name.startswith("blk.") and W.ndim == 2}
+    assert set(imatrix) == names and len(names) == 7 * layers
+    widths = {name: W.shape[1] for name, W in ge.gguf_tensors(model) if W.ndim == 2}
+    assert all(imatrix[name].shape == (widths[name],) for name in names)
+    with torch.no_grad():
+        x = torch.cat([model.model.layers[0].input_layernorm(model.model.embed_tokens(ids[:, i:i + 16]))
+                       for i in range(0, 48, 16)], dim=1)[0]  # (48, C)
+    expected = x.pow(2).mean(0).numpy()
+    for proj in ("attn_q", "attn_k", "attn_v"):
+        np.testing.assert_allclose(imatrix[f"blk.0.{proj}.weight"], expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(imatrix["blk.0.ffn_down.weight"][: len(expected)], expected)
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_quantizer_reads_our_f16_file_and_imatrix(tiny_model, tmp_path):
+    """llama.cpp quantizes our F16 file to IQ4_XS; our importance matrix changes its choices
+    (some block bytes differ), a zeroed-out matrix name list is the same as none, and
+    transformers loads the result with every tensor present."""
+    import gguf
+
+    needs_llama_cpp()
+    model, tokenizer = ge.load_model(str(tiny_model), torch.device("cpu"))
+    tensors = ge.gguf_tensors(model)
+    source = tmp_path / "tiny-F16.gguf"
+    ge.write_gguf(source, tensors, "F16", lambda w: ge.add_metadata(w, model.config, tokenizer, "F16", "gpt-2"),
+                  quiet=True)
+    ids = tokenizer("def f(x):\n    return x * 2\n" * 16, return_tensors="pt")["input_ids"][:, :128]
+    imatrix = ge.importance_matrix(model, ids, context=64)
+    made = {}
+    for label, matrix in (("plain", None), ("imatrix", imatrix), ("empty", {})):
+        path = tmp_path / f"tiny-IQ4_XS-{label}.gguf"
+        ge.llama_cpp_quantize(source, path, "IQ4_XS", matrix, threads=1)
+        made[label] = {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes())
+                       for t in gguf.GGUFReader(path).tensors}
+    assert set(made["plain"]) == {name for name, _ in tensors}
+    linear = [name for name, W in tensors if name.startswith("blk.") and W.ndim == 2]
+    assert {made["plain"][name][0] for name in linear} <= {"IQ4_XS", "IQ4_NL", "Q5_K", "Q6_K", "Q8_0", "Q5_0"}
+    assert made["empty"] == made["plain"]
+    changed = [name for name in linear if made["imatrix"][name][1] != made["plain"][name][1]]
+    print(f"{len(changed)} of {len(linear)} linear tensors changed by the importance matrix")
+    assert changed
+    loaded = ge.load_gguf_in_transformers(tmp_path / "tiny-IQ4_XS-imatrix.gguf", torch.device("cpu"))
+    stats = ge.next_token_agreement(model, loaded, ids[:, :65])
+    assert 0 < stats["kl"].mean().item() < 1
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_quantizer_failure_is_one_refusal(tmp_path):
+    needs_llama_cpp()
+    broken = tmp_path / "not-a-model.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ge.Refusal, match="could not quantize not-a-model.gguf to Q4_K_M"):
+        ge.llama_cpp_quantize(broken, tmp_path / "out.gguf", "Q4_K_M", None, threads=1)

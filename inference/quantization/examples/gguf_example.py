@@ -1,36 +1,42 @@
-"""GGUF, llama.cpp's file format: encode its blocks by hand, write a file, read it back, run it.
+"""GGUF, llama.cpp's file format: write a file, read it back, quantize it with llama.cpp, run it.
 
 What it shows
-  1. llama.cpp's simplest block formats in torch, each a `quantize_*` / `dequantize_*` pair over
-     blocks of 32 weights along a row of W (N, K): Q8_0 (`w = d·q`), Q4_0 (`w = d·(q − 8)`,
-     d = signed max / −8) and Q4_1 (`w = d·q + m`); `to_block_bytes` lays the codes and FP16
-     scales out byte for byte the way ggml stores a block.
-  2. A llama.cpp-loadable GGUF file written with the `gguf` package (gguf-py, from llama.cpp):
-     `llama` metadata, tokenizer, tensor names as `convert_hf_to_gguf.py` maps them, q/k rows
-     permuted for llama.cpp's RoPE layout, weights quantized by `gguf.quants.quantize`.
-  3. The round trip: `GGUFReader` reads the file back; our encoder reproduces its bytes exactly.
-  4. The file loaded back through transformers (`gguf_file=`, dequantized to FP32 on load):
+  1. A llama.cpp-loadable GGUF file written with the `gguf` package (gguf-py, from llama.cpp),
+     the job of llama.cpp's `convert_hf_to_gguf.py`: `llama` metadata, tokenizer, tensor names
+     as that converter maps them, q/k rows permuted for llama.cpp's RoPE layout, weights in
+     F16 or quantized by `gguf.quants.quantize` (Q8_0, Q4_0, Q4_1: written out by hand, byte
+     for byte equal, in `gguf_blocks.py`).
+  2. The round trip: `GGUFReader` reads the file back; it decodes to what was quantized.
+  3. llama.cpp's own quantizer on our F16 file, the job of `llama-quantize`: k-quants (Q4_K_M,
+     Q5_K_M, Q6_K) and an i-quant (IQ4_XS), through the library call the tool wraps, with an
+     importance matrix computed here from scratch, the job of `llama-imatrix`: the mean of
+     x_k² over calibration tokens for every input column k of every linear layer.
+  4. Each file loaded back through transformers (`gguf_file=`, dequantized to FP32 on load):
      mean KL divergence and top-1 agreement of the next token against the FP32 model.
-  5. With `--llama-cpp` (llama-cpp-python), llama.cpp runs each file: greedy text, tokens/s.
-  Perplexity, timings with repeats and the results files: `bench/gguf_files.py --preset cpu`.
+  5. With `--llama-cpp`, llama.cpp runs each file: greedy text, tokens/s.
+  Steps 3 and 5 need llama-cpp-python. Perplexity, timings with repeats and the results
+  files: `bench/gguf_files.py --preset cpu`.
 
 Run it
   python inference/quantization/examples/gguf_example.py --model HuggingFaceTB/SmolLM2-135M-Instruct \\
       --types Q4_0 --eval-tokens 0 --quiet
 
 What it prints on SmolLM2-135M (the command above, about 20 s on one core): Q4_0, 91.7 MB,
-5.46 bits/weight (the token embedding stays Q8_0), our encoder equal to gguf-py on 211/211
-quantized tensors, linear-weight error 0.087. Without `--eval-tokens 0` (+20 s a file, mostly
+5.46 bits/weight (the token embedding stays Q8_0), the file equal to what was quantized in
+memory, linear-weight error 0.087. Without `--eval-tokens 0` (+20 s a file, mostly
 transformers loading the GGUF): KL 0.31, top-1 agreement 0.70 against FP32 on 256 tokens.
+With `--types Q4_K_M` (llama-cpp-python installed) ...
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import importlib.util
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -42,114 +48,13 @@ from transformers.utils import logging as hf_logging
 
 BLOCK = 32  # weights per block in Q8_0, Q4_0 and Q4_1 (llama.cpp's QK8_0, QK4_0, QK4_1)
 PROMPT = "The capital of France is"
+EVAL_TOPICS = ("assignment", "class", "for", "function")  # pydoc topics held out of calibration
+OURS = ("F16", "Q8_0", "Q4_0", "Q4_1")  # written with gguf-py
+LLAMA_CPP_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS")  # made by llama.cpp's quantizer from F16
 
 
 class Refusal(Exception):
     """A run-time refusal: one line that names the problem and the fix (exit code 2)."""
-
-
-def round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest, ties away from zero, the way ggml's C code (and gguf-py) does it."""
-    a = x.abs()
-    floored = torch.floor(a)
-    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
-
-
-# --8<-- [start:q8_0]
-def quantize_q8_0(W: torch.Tensor):
-    """Q8_0: blocks of 32 weights along a row, symmetric, one FP16 scale per block.
-
-        d = max|w| / 127          (stored as FP16)
-        q = round(w / d)          int8 in [-127, 127], ties away from zero
-        bytes per block = 2 + 32 = 34, so 34·8/32 = 8.5 bits per weight
-    W (N, K), K a multiple of 32 -> q (N, K/32, 32) int8, scale (N, K/32, 1), zero = 0.
-    """
-    Wb = W.float().reshape(W.shape[0], -1, BLOCK)  # (N, K/32, 32)
-    d = Wb.abs().amax(dim=-1, keepdim=True) / 127  # (N, K/32, 1)
-    inv_d = torch.where(d == 0, 0.0, 1 / d)
-    q = round_half_away(Wb * inv_d).to(torch.int8)
-    return q, d.half().float(), torch.zeros_like(d)
-
-
-def dequantize_q8_0(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """w_hat = d · q, returned as (N, K)."""
-    return (q.float() * scale).flatten(1)
-# --8<-- [end:q8_0]
-
-
-# --8<-- [start:q4_0]
-def quantize_q4_0(W: torch.Tensor):
-    """Q4_0: blocks of 32, symmetric, 16 levels, one FP16 scale per block.
-
-        m = the weight of largest magnitude, with its sign
-        d = m / -8                (stored as FP16)
-        q = min(15, trunc(w / d + 8.5))   an unsigned 4-bit code; the implicit zero is 8
-        w_hat = d · (q - 8)
-        bytes per block = 2 + 16 = 18, so 4.5 bits per weight
-    Dividing by -8 (not 7) puts the largest-magnitude weight exactly on level -8, so all
-    16 levels are usable. Returns q (N, K/32, 32) uint8, scale (N, K/32, 1), zero = 8.
-    """
-    Wb = W.float().reshape(W.shape[0], -1, BLOCK)  # (N, K/32, 32)
-    idx = Wb.abs().argmax(dim=-1, keepdim=True)
-    m = torch.gather(Wb, -1, idx)  # signed max, (N, K/32, 1)
-    d = m / -8
-    inv_d = torch.where(d == 0, 0.0, 1 / d)
-    q = torch.trunc(Wb * inv_d + 8.5).clamp(0, 15).to(torch.uint8)
-    return q, d.half().float(), torch.full_like(d, 8.0)
-
-
-def dequantize_q4_0(q: torch.Tensor, scale: torch.Tensor,
-                    zero: torch.Tensor) -> torch.Tensor:
-    """w_hat = d · (q - 8), returned as (N, K)."""
-    return ((q.float() - zero) * scale).flatten(1)
-# --8<-- [end:q4_0]
-
-
-# --8<-- [start:q4_1]
-def quantize_q4_1(W: torch.Tensor):
-    """Q4_1: blocks of 32, asymmetric, 16 levels from the block's minimum upwards.
-
-        m = min(w),  d = (max(w) - m) / 15       (both stored as FP16)
-        q = min(15, trunc((w - m) / d + 0.5)),   w_hat = d · q + m
-        bytes per block = 2 + 2 + 16 = 20, so 5 bits per weight
-    Returns q (N, K/32, 32) uint8, scale d (N, K/32, 1) and the offset m in the zero slot.
-    """
-    Wb = W.float().reshape(W.shape[0], -1, BLOCK)  # (N, K/32, 32)
-    m = Wb.amin(dim=-1, keepdim=True)  # (N, K/32, 1)
-    d = (Wb.amax(dim=-1, keepdim=True) - m) / 15
-    inv_d = torch.where(d == 0, 0.0, 1 / d)
-    q = torch.trunc((Wb - m) * inv_d + 0.5).clamp(0, 15).to(torch.uint8)
-    return q, d.half().float(), m.half().float()
-
-
-def dequantize_q4_1(q: torch.Tensor, scale: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """w_hat = d · q + m, returned as (N, K)."""
-    return (q.float() * scale + m).flatten(1)
-# --8<-- [end:q4_1]
-
-
-SCRATCH = {"Q8_0": (quantize_q8_0, dequantize_q8_0), "Q4_0": (quantize_q4_0, dequantize_q4_0),
-           "Q4_1": (quantize_q4_1, dequantize_q4_1)}
-
-
-# --8<-- [start:block_bytes]
-def to_block_bytes(qtype: str, q: torch.Tensor, scale: torch.Tensor,
-                   zero: torch.Tensor) -> np.ndarray:
-    """(q, scale, zero) laid out as ggml stores blocks: (N, K/32 · block bytes) uint8.
-
-        Q8_0: d (FP16, 2 bytes) | 32 int8 codes
-        Q4_0: d (FP16)          | 16 bytes: code j in the low nibble, j + 16 in the high
-        Q4_1: d (FP16) | m (FP16) | 16 bytes of nibbles as in Q4_0
-    """
-    d = scale.half().numpy().view(np.uint8)  # (N, K/32, 2), little-endian FP16
-    if qtype == "Q8_0":
-        return np.concatenate([d, q.numpy().view(np.uint8)], -1).reshape(len(q), -1)
-    codes = q.numpy().astype(np.uint8)  # (N, K/32, 32), values 0..15
-    nibbles = codes[..., :16] | (codes[..., 16:] << 4)  # (N, K/32, 16)
-    m = zero.half().numpy().view(np.uint8)  # Q4_1's FP16 offset
-    parts = [d, nibbles] if qtype == "Q4_0" else [d, m, nibbles]
-    return np.concatenate(parts, axis=-1).reshape(q.shape[0], -1)
-# --8<-- [end:block_bytes]
 
 
 # --8<-- [start:tensor_names]
@@ -287,25 +192,95 @@ def read_gguf(path: Path) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
 
 
 def check_file(path: Path, tensors: list[tuple[str, np.ndarray]],
-               expected: dict[str, np.ndarray]) -> dict:
-    """Read the file back: does it decode to what was quantized, does our torch encoder give
-    the same bytes for every quantized tensor, and how far are the decoder's weights from FP32."""
+               expected: dict[str, np.ndarray] | None = None) -> dict:
+    """Read the file back: the type of each tensor, whether it decodes to what was quantized in
+    memory (files we wrote), and how far the decoder's linear weights are from FP32."""
     decoded = read_gguf(path)
-    file_vs_memory, same, quantized, err2, norm2, types = 0.0, 0, 0, 0.0, 0.0, {}
+    file_vs_memory, err2, norm2, types = 0.0, 0.0, 0.0, {}
     for name, W in tensors:
-        ggml_type, raw, W_hat = decoded[name]
+        ggml_type, _, W_hat = decoded[name]
         types[ggml_type] = types.get(ggml_type, 0) + 1
-        file_vs_memory = max(file_vs_memory, float(np.abs(W_hat - expected[name]).max()))
-        if ggml_type in SCRATCH:  # our encoder, then ggml's byte layout
-            ours = to_block_bytes(ggml_type, *SCRATCH[ggml_type][0](torch.from_numpy(W)))
-            quantized += 1
-            same += int(np.array_equal(ours, raw.reshape(ours.shape)))
+        if expected is not None:
+            file_vs_memory = max(file_vs_memory, float(np.abs(W_hat - expected[name]).max()))
         if name.startswith("blk.") and W.ndim == 2:  # the decoder's linear weights
             err2 += float(((W - W_hat) ** 2).sum())
             norm2 += float((W**2).sum())
-    return {"tensor_types": types, "file_vs_memory_max_abs_diff": file_vs_memory,
-            "scratch_bytes_equal": same, "quantized_tensors": quantized,
-            "linear_rel_error": (err2 / norm2) ** 0.5}
+    checks = {"tensor_types": types, "linear_rel_error": (err2 / norm2) ** 0.5}
+    if expected is not None:
+        checks["file_vs_memory_max_abs_diff"] = file_vs_memory
+    return checks
+
+
+# --8<-- [start:imatrix]
+@torch.no_grad()
+def importance_matrix(model, ids: torch.Tensor, context: int) -> dict[str, np.ndarray]:
+    """llama-imatrix from scratch: per linear layer, the mean of x_k² over the calibration
+    tokens, one value per input column k (the diagonal of GPTQ's XXᵀ/n). llama.cpp's quantizers
+    weight each weight's rounding error by it: columns that see large activations are rounded
+    more carefully. Keys are GGUF tensor names; the tied output matrix keeps the default.
+    """
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    sums, counts, hooks = {}, {}, []
+
+    def record(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()  # (tokens, K)
+            sums[name] = sums.get(name, 0.0) + x.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    for hf_name, module in model.named_modules():
+        linear = isinstance(module, torch.nn.Linear)
+        name = name_map.get_name(hf_name + ".weight", try_suffixes=(".weight",)) if linear else None
+        if name and name.startswith("blk."):
+            hooks.append(module.register_forward_hook(record(name)))
+    try:
+        for start in range(0, ids.shape[1], context):
+            model(ids[:, start:start + context])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: (sums[name] / counts[name]).cpu().numpy() for name in sums}
+# --8<-- [end:imatrix]
+
+
+# --8<-- [start:llama_quantize]
+def llama_cpp_quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray] | None,
+                       threads: int) -> None:
+    """llama-quantize through the library call it wraps: an F16 GGUF in, a `ftype` GGUF out.
+
+    llama.cpp chooses each tensor's type from the file type (Q4_K_M keeps some attn_v and
+    ffn_down tensors in Q6_K, for example; rows not a multiple of 256 fall back to 32-wide
+    blocks). The importance matrix goes in the way llama-quantize passes it: a C array of
+    (name, values, count), ended by a NULL name.
+    """
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = threads
+    arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in (imatrix or {}).values()]
+    entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()  # zeroed: last ends it
+    for entry, name, values in zip(entries, imatrix or {}, arrays):
+        entry.name, entry.size = name.encode(), values.size
+        entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    if imatrix:
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    with tempfile.TemporaryFile() as log:  # llama.cpp writes a line or two per tensor to stderr
+        stderr = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
+        if status:
+            log.seek(0)
+            last = (log.read().decode(errors="replace").strip().splitlines() or ["no log"])[-1]
+            raise Refusal(f"llama.cpp could not quantize {src.name} to {ftype}: {last}")
+# --8<-- [end:llama_quantize]
 
 
 def load_gguf_in_transformers(path: Path, device: torch.device, quiet: bool = True):
@@ -348,13 +323,13 @@ def generate_llama_cpp(llm, prompt: str, max_new_tokens: int) -> tuple[str, int]
 
 
 def print_table(rows: list[dict]) -> None:
-    print("file        MB  bits/w  ours = gguf-py  lin. err       KL  top-1  llama.cpp tok/s")
+    print("file    made by                 MB  bits/w  lin. err      KL  top-1  llama.cpp tok/s  tensors")
     for r in rows:
-        same = f"{r['scratch_bytes_equal']}/{r['quantized_tensors']}"
         cells = [f"{r[k]:{f}}" if k in r else "-" for k, f in
                  (("kl", ".4f"), ("top1", ".3f"), ("llama_cpp_tokens_per_s", ".1f"))]
-        print(f"{r['qtype']:<6} {r['file_mb']:>7.1f} {r['bits_per_weight']:>7.2f} {same:>15} "
-              f"{r['linear_rel_error']:>9.4f} {cells[0]:>8} {cells[1]:>6} {cells[2]:>16}")
+        types = " ".join(f"{t}×{n}" for t, n in sorted(r["tensor_types"].items(), key=lambda kv: -kv[1]))
+        print(f"{r['qtype']:<7} {r['made_by']:<19} {r['file_mb']:>6.1f} {r['bits_per_weight']:>7.2f} "
+              f"{r['linear_rel_error']:>9.4f} {cells[0]:>7} {cells[1]:>6} {cells[2]:>16}  {types}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,13 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="where transformers runs the FP32 and the loaded-back GGUF models")
     model.add_argument("--tokenizer-pre", default="smollm", help="llama.cpp's name of the "
-                       "pre-tokenizer regex: smollm for SmolLM2, gpt2 for GPT-2-style BPE")
+                       "pre-tokenizer regex: smollm for SmolLM2, gpt-2 for GPT-2-style BPE")
     method = parser.add_argument_group("Method")
-    method.add_argument("--types", nargs="+", default=["F16", "Q8_0", "Q4_0"], choices=["F16", "Q8_0", "Q4_0", "Q4_1"],
-                        help="files to write (llama.cpp's llama-quantize makes the other types)")
+    method.add_argument("--types", nargs="+", default=["F16", "Q8_0", "Q4_0"], choices=OURS + LLAMA_CPP_TYPES,
+                        help=f"files to write: {', '.join(OURS)} with gguf-py, the others with llama.cpp's "
+                             "quantizer from the F16 file")
     method.add_argument("--out-dir", type=Path, default=Path(".cache/gguf"), help="GGUF folder")
     method.add_argument("--eval-tokens", type=int, default=256,
                         help="tokens of text for the KL / top-1 check (0 skips it)")
+    method.add_argument("--imatrix-tokens", type=int, default=2048,
+                        help="calibration tokens for llama.cpp's types (0: no importance matrix)")
     method.add_argument("--llama-cpp", action="store_true", help="also run llama.cpp on each file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -392,50 +370,69 @@ def load_model(name: str, device: torch.device):
     return model, tokenizer
 
 
-def main(args: argparse.Namespace) -> list[dict]:
-    if args.eval_tokens < 0:
-        build_parser().error("--eval-tokens must be 0 (skip) or positive")
+def pydoc_text(evaluation: bool) -> str:
+    """Python's own help topics: four of them for the KL / top-1 check, the rest for calibration."""
+    from pydoc_data.topics import topics
+
+    keys = EVAL_TOPICS if evaluation else sorted(set(topics) - set(EVAL_TOPICS))
+    return "\n\n".join(topics[key] for key in keys)
+
+
+def check_arguments(args: argparse.Namespace) -> torch.device:
+    if args.eval_tokens < 0 or args.imatrix_tokens < 0:
+        build_parser().error("--eval-tokens and --imatrix-tokens must be 0 (skip) or positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise Refusal("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
-        raise Refusal("--llama-cpp needs llama-cpp-python: pip install llama-cpp-python "
-                      "(compiles llama.cpp, a few minutes), or leave the flag out")
+    needs = "--llama-cpp" if args.llama_cpp else next((t for t in args.types if t in LLAMA_CPP_TYPES), None)
+    if needs and importlib.util.find_spec("llama_cpp") is None:
+        raise Refusal(f"{needs} needs llama-cpp-python: pip install llama-cpp-python "
+                      "(compiles llama.cpp, a few minutes), or leave it out")
     try:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out_dir).close()
     except OSError as error:
         raise Refusal(f"cannot write to {args.out_dir} ({error.strerror}): "
                       "pass --out-dir with a writable folder") from None
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    device = check_arguments(args)
     if args.quiet:
         hf_logging.disable_progress_bar()  # transformers' own loading bar
     model, tokenizer = load_model(args.model, device)
     tensors = gguf_tensors(model)
     n_params = sum(W.size for _, W in tensors)
-    from pydoc_data.topics import topics  # text for the KL / top-1 check: Python's own help
-    text = "\n\n".join(topics[key] for key in ("assignment", "class", "for", "function"))
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : args.eval_tokens + 1].to(device)
-    rows = []
-    for qtype in args.types:
+    ids = tokenizer(pydoc_text(evaluation=True), return_tensors="pt")["input_ids"][:, : args.eval_tokens + 1]
+    imatrix, rows = None, []
+    for qtype in sorted(args.types, key=lambda t: t in LLAMA_CPP_TYPES):  # ours first: F16 is the source
         path = args.out_dir / f"{Path(args.model).name}-{qtype}.gguf"
         partial = path.with_name(path.name + ".partial")  # renamed only once complete
-        header = lambda w, q=qtype: add_metadata(w, model.config, tokenizer, q, args.tokenizer_pre)
-        expected = write_gguf(partial, tensors, qtype, header, args.quiet)
+        made_by, expected = "gguf-py", None
+        if qtype in OURS:
+            header = lambda w, q=qtype: add_metadata(w, model.config, tokenizer, q, args.tokenizer_pre)
+            expected = write_gguf(partial, tensors, qtype, header, args.quiet)
+        else:
+            source = args.out_dir / f"{Path(args.model).name}-F16.gguf"
+            if "F16" not in args.types:
+                header = lambda w: add_metadata(w, model.config, tokenizer, "F16", args.tokenizer_pre)
+                write_gguf(source, tensors, "F16", header, args.quiet)
+            if imatrix is None and args.imatrix_tokens:
+                calibration = tokenizer(pydoc_text(evaluation=False), return_tensors="pt")["input_ids"]
+                imatrix = importance_matrix(model, calibration[:, : args.imatrix_tokens].to(device), 512)
+            llama_cpp_quantize(source, partial, qtype, imatrix, threads=torch.get_num_threads())
+            made_by = "llama.cpp + imatrix" if imatrix else "llama.cpp"
         partial.replace(path)
-        row = {"qtype": qtype, "path": str(path), "file_mb": path.stat().st_size / 1e6,
-               "bits_per_weight": 8 * path.stat().st_size / n_params,
-               **check_file(path, tensors, expected)}
+        row = {"qtype": qtype, "made_by": made_by, "path": str(path), "file_mb": path.stat().st_size / 1e6,
+               "bits_per_weight": 8 * path.stat().st_size / n_params, **check_file(path, tensors, expected)}
         if args.eval_tokens:
-            loaded = load_gguf_in_transformers(path, device, args.quiet)
-            stats = next_token_agreement(model, loaded, ids)
+            stats = next_token_agreement(model, load_gguf_in_transformers(path, device, args.quiet), ids.to(device))
             row.update(kl=stats["kl"].mean().item(), top1=stats["top1"].mean().item())
         if args.llama_cpp:
             llm = load_llama_cpp(path, threads=torch.get_num_threads())
             start = time.perf_counter()
             text, n_new = generate_llama_cpp(llm, PROMPT, 32)
-            row.update(llama_cpp_tokens_per_s=n_new / (time.perf_counter() - start),
-                       llama_cpp_text=text)
+            row.update(llama_cpp_tokens_per_s=n_new / (time.perf_counter() - start), llama_cpp_text=text)
             print(f"{qtype}: {PROMPT!r} -> {text[:60]!r}")
         rows.append(row)
     print_table(rows)
