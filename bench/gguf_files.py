@@ -2,11 +2,12 @@
 
 Loads inference/quantization/examples/gguf_example.py, writes one GGUF file per type (F16, Q8_0,
 Q4_0) with it and reads each back; where llama-cpp-python is installed, llama.cpp's quantizer
-turns the F16 file into k-quant and i-quant files, each without and with an importance matrix
-computed on calibration text that the evaluation never sees. Every file is loaded through
-transformers and compared with the FP32 model on the same evaluation tokens (perplexity with its
+turns the F16 file into k-quant and i-quant files three ways: without an importance matrix, with
+a uniform one (its weighted search without activation statistics), and with one computed on
+calibration text that the evaluation never sees. Every file is loaded through transformers and
+compared with the FP32 model on the same evaluation tokens (perplexity with its
 standard error, mean KL divergence, top-1 agreement; windows of `context` tokens), and llama.cpp
-times its greedy generation (one warm-up, then repeats).
+times its greedy generation on every file, the files taking turns (one warm-up round, then repeats).
 
     gguf-<preset>.{json,md,en.md,png}
 
@@ -20,12 +21,14 @@ import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 import common  # bench/ is on sys.path: it is the folder of the script being run
 
 PRESETS = {
     "cpu": {
         "about": "SmolLM2-135M as GGUF: F16, Q8_0, Q4_0 (ours), Q4_K_M, Q5_K_M, IQ4_XS (llama.cpp, "
-                 "with and without imatrix); 4096 evaluation tokens; llama.cpp on 1 thread",
+                 "no, uniform and calibrated imatrix); 4096 evaluation tokens; llama.cpp on 1 thread",
         "model": "smollm2",
         "device": "cpu",
         "types": ["F16", "Q8_0", "Q4_0"],
@@ -37,7 +40,7 @@ PRESETS = {
         "threads": 1,
         "prompt": "The capital of France is",
         "max_new_tokens": 64,
-        "repeats": 3,
+        "repeats": 5,
         "quick": {"types": ["F16", "Q4_0"], "llama_cpp_types": ["Q4_K_M"], "imatrix_tokens": 128,
                   "tokenizer_pre": "gpt-2", "eval_tokens": 128, "context": 64, "max_new_tokens": 8,
                   "repeats": 1},
@@ -46,6 +49,9 @@ PRESETS = {
 
 SCRIPT = common.QUANT / "examples" / "gguf_example.py"
 NOT_INSTALLED = "not run: llama-cpp-python not installed"
+# llama.cpp's quantizer three ways: no importance matrix (its plain encoders), a matrix of ones (the
+# weighted search with no activation statistics), and the matrix from calibration text.
+VARIANTS = {"llama.cpp": "plain", "llama.cpp + uniform imatrix": "uniform", "llama.cpp + imatrix": "imatrix"}
 
 
 def quality(ge, reference, candidate, ids, context: int) -> dict:
@@ -71,17 +77,36 @@ def quality(ge, reference, candidate, ids, context: int) -> dict:
             "fp32": {"perplexity": p_ref, "ppl_stderr": se_ref}}
 
 
-def llama_cpp_speed(ge, path: Path, settings: dict) -> dict:
-    """Greedy text and tokens/s: one warm-up call, then `repeats` timed generations."""
-    import torch
+def llama_cpp_speeds(ge, paths: list[Path], settings: dict) -> list[dict]:
+    """Greedy text of each file (the example's call), then tokens/s over exactly
+    `max_new_tokens` new tokens (end-of-sequence banned, so every file generates as many).
+    The files take turns, one generation each per round, after one warm-up round: a slow
+    stretch of a shared machine then lands on every file alike, not on whichever ran then."""
+    import time
 
-    llm = ge.load_llama_cpp(path, settings["threads"])
-    text, n_new = ge.generate_llama_cpp(llm, settings["prompt"], settings["max_new_tokens"])  # warm-up
-    samples = common.time_ms(lambda: ge.generate_llama_cpp(llm, settings["prompt"], settings["max_new_tokens"]),
-                             torch.device("cpu"), warmup=0, repeats=settings["repeats"])
-    ms = common.spread(samples)
-    return {"text": text, "new_tokens": n_new, "ms": ms, "tokens_per_s": n_new / (ms["median"] / 1e3),
-            "threads": settings["threads"]}
+    runs = []
+    for path in paths:
+        llm = ge.load_llama_cpp(path, settings["threads"])
+        text, _ = ge.generate_llama_cpp(llm, settings["prompt"], settings["max_new_tokens"])
+        runs.append({"llm": llm, "text": text, "no_eos": {llm.token_eos(): -1e9}, "ms": []})
+
+    def generate(run: dict) -> int:
+        out = run["llm"](settings["prompt"], max_tokens=settings["max_new_tokens"], temperature=0.0,
+                         logit_bias=run["no_eos"])
+        return out["usage"]["completion_tokens"]
+
+    n_new = [generate(run) for run in runs]  # warm-up round
+    for _ in range(settings["repeats"]):
+        for run in runs:
+            start = time.perf_counter()
+            generate(run)
+            run["ms"].append((time.perf_counter() - start) * 1e3)
+    speeds = []
+    for run, n in zip(runs, n_new):
+        ms = common.spread(run["ms"])
+        speeds.append({"text": run["text"], "new_tokens": n, "ms": ms, "threads": settings["threads"],
+                       "tokens_per_s": n / (ms["median"] / 1e3)})
+    return speeds
 
 
 def write_files(ge, model, tokenizer, tensors, settings: dict, device, have_llama_cpp: bool,
@@ -104,10 +129,12 @@ def write_files(ge, model, tokenizer, tensors, settings: dict, device, have_llam
     calibration = tokenizer(common.pydoc_corpus()[0], return_tensors="pt")["input_ids"]
     imatrix = ge.importance_matrix(model, calibration[:, : settings["imatrix_tokens"]].to(device),
                                    settings["context"])
+    matrices = {"plain": None, "uniform": {name: np.ones_like(v) for name, v in imatrix.items()},
+                "imatrix": imatrix}
     for qtype in settings["llama_cpp_types"]:
-        for made_by, matrix in (("llama.cpp", None), ("llama.cpp + imatrix", imatrix)):
-            path = Path(f"{stem}-{qtype}-{'imatrix' if matrix else 'plain'}.gguf")
-            ge.llama_cpp_quantize(source, path, qtype, matrix, threads=settings["threads"])
+        for made_by, kind in VARIANTS.items():
+            path = Path(f"{stem}-{qtype}-{kind}.gguf")
+            ge.llama_cpp_quantize(source, path, qtype, matrices[kind], threads=settings["threads"])
             files.append((qtype, made_by, path, None))
     return files
 
@@ -115,15 +142,17 @@ def write_files(ge, model, tokenizer, tensors, settings: dict, device, have_llam
 def tables(result: dict) -> dict[str, str]:
     s, fp, v = result["settings"], result["fp32"], result["versions"]
     ran = result["llama_cpp"] == "ran"
-    speed_zh = (f"llama.cpp 每秒词元数:{s['repeats']} 次贪心生成({s['max_new_tokens']} 个词元)的中位数,"
-                f"{s['threads']} 个线程" if ran else "llama.cpp:未运行(未安装 llama-cpp-python)")
-    speed_en = (f"llama.cpp tokens/s: median of {s['repeats']} greedy generations of {s['max_new_tokens']} "
-                f"tokens, {s['threads']} thread(s)" if ran else f"llama.cpp: {NOT_INSTALLED}")
+    speed_zh = (f"llama.cpp 每秒词元数:{s['repeats']} 轮贪心生成({s['max_new_tokens']} 个词元,"
+                f"各文件轮流)的中位数,{s['threads']} 个线程" if ran else "llama.cpp:未运行(未安装 llama-cpp-python)")
+    speed_en = (f"llama.cpp tokens/s: median of {s['repeats']} rounds of greedy generations of "
+                f"{s['max_new_tokens']} tokens, the files taking turns, {s['threads']} thread(s)"
+                if ran else f"llama.cpp: {NOT_INSTALLED}")
     made_zh = (f"其余文件由 llama.cpp 的量化器(llama-cpp-python {v.get('llama_cpp_python', '?')})从 F16 文件生成,"
-               f"标 imatrix 的用 {s['imatrix_tokens']} 个校准词元的重要性矩阵;" if ran else "")
+               f"imatrix 是 {s['imatrix_tokens']} 个校准词元上算出的重要性矩阵,"
+               f"uniform imatrix 是全 1 的矩阵;" if ran else "")
     made_en = (f"the other files made from the F16 file by llama.cpp's quantizer (llama-cpp-python "
-               f"{v.get('llama_cpp_python', '?')}), with an importance matrix from {s['imatrix_tokens']} "
-               f"calibration tokens where marked; " if ran else "")
+               f"{v.get('llama_cpp_python', '?')}); imatrix: the importance matrix of {s['imatrix_tokens']} "
+               f"calibration tokens, uniform imatrix: all ones; " if ran else "")
     caption = {
         "zh": f"`{Path(s['model']).name}`:{', '.join(s['types'])} 用 gguf {v.get('gguf', '?')} 写成;{made_zh}"
               f"质量:{fp['eval_tokens']} 个评测词元(上下文 {s['context']}),与 FP32 模型对比,"
@@ -161,7 +190,7 @@ def plot_perplexity(result: dict):
         ax.errorbar([r["bits_per_weight"] for r in rows], [r["perplexity"] for r in rows],
                     yerr=[r["ppl_stderr"] for r in rows], fmt="o", capsize=4)
         for r in rows:
-            label = r["qtype"] + (" + imatrix" if r["made_by"].endswith("imatrix") else "")
+            label = r["qtype"] + r["made_by"].removeprefix("llama.cpp").replace(" imatrix", "")
             ax.annotate(label, (r["bits_per_weight"], r["perplexity"]), textcoords="offset points",
                         xytext=(6, 4))
         ax.axhline(result["fp32"]["perplexity"], linestyle="--", color="gray", label="FP32")
@@ -195,19 +224,20 @@ def main(args) -> None:
         rows, fp32 = [], None
         for qtype, made_by, path, expected in files:
             size = path.stat().st_size
-            row = {"qtype": qtype, "made_by": made_by, "file_mb": size / 1e6, "bits_per_weight": 8 * size / n_params,
-                   **ge.check_file(path, tensors, expected)}
+            row = {"qtype": qtype, "made_by": made_by, "file_mb": size / 1e6,
+                   "bits_per_weight": 8 * size / n_params, **ge.check_file(path, tensors, expected)}
             loaded = ge.load_gguf_in_transformers(path, device)
             row["transformers_param_mb"] = sum(p.numel() * p.element_size() for p in loaded.parameters()) / 1e6
             q = quality(ge, model, loaded, ids.to(device), settings["context"])
             fp32 = q.pop("fp32")
             row.update(q)
             del loaded
-            if have_llama_cpp:
-                row["llama_cpp"] = llama_cpp_speed(ge, path, settings)
             rows.append(row)
             print(f"{qtype} ({made_by}): {row['file_mb']:.1f} MB, ppl {row['perplexity']:.3f}, KL {row['kl']:.4f}",
                   flush=True)
+        if have_llama_cpp:
+            for row, speed in zip(rows, llama_cpp_speeds(ge, [f[2] for f in files], settings)):
+                row["llama_cpp"] = speed
     fp32.update(eval_tokens=rows[0]["eval_tokens"],
                 param_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6)
     result = {**common.results_header(settings, args, device, ("gguf", "llama_cpp_python")),

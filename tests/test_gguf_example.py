@@ -120,7 +120,8 @@ def test_bench_preset_cpu_writes_its_schema(tiny_model, tmp_path):
     settings = result["settings"]
     expected = {(t, "gguf-py") for t in settings["types"]}
     if HAVE_LLAMA_CPP:
-        expected |= {(t, by) for t in settings["llama_cpp_types"] for by in ("llama.cpp", "llama.cpp + imatrix")}
+        expected |= {(t, by) for t in settings["llama_cpp_types"]
+                     for by in ("llama.cpp", "llama.cpp + uniform imatrix", "llama.cpp + imatrix")}
     assert set(rows) == expected
     for r in rows.values():
         for key in ("made_by", "file_mb", "bits_per_weight", "tensor_types", "linear_rel_error", "perplexity",
