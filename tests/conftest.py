@@ -34,7 +34,7 @@ BENCH = REPO_ROOT / "bench"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run by `make test-gpu` on the GPU machine")
     config.addinivalue_line("markers", "slow: takes more than a minute on the 2-core CI machine")
-    config.addinivalue_line("markers", "llamacpp: needs llama-cpp-python (compiled from source, about 4 minutes)")
+    config.addinivalue_line("markers", "llamacpp: needs llama-cpp-python (make setup compiles it; SKIP_LLAMA_CPP=1 leaves it out)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -72,7 +72,7 @@ if [ -z "${SKIP_LLAMA_CPP:-}" ]; then
 see $LLAMA_LOG), or skip it: SKIP_LLAMA_CPP=1 make setup"
   fi
   step "installing $LLAMA_CPP_PYTHON from the wheel built here"
-  "${PIP[@]}" install --quiet --find-links .cache/wheels "$LLAMA_CPP_PYTHON" \
+  "${PIP[@]}" install --quiet --only-binary llama-cpp-python --find-links .cache/wheels "$LLAMA_CPP_PYTHON" \
     || fail "pip could not install $LLAMA_CPP_PYTHON from .cache/wheels"
 fi
 

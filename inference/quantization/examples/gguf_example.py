@@ -7,10 +7,9 @@ What it shows
      F16 or quantized by `gguf.quants.quantize` (Q8_0, Q4_0, Q4_1: written out by hand, byte
      for byte equal, in `gguf_blocks.py`).
   2. The round trip: `GGUFReader` reads the file back; it decodes to what was quantized.
-  3. llama.cpp's own quantizer on our F16 file, the job of `llama-quantize`: k-quants (Q4_K_M,
-     Q5_K_M, Q6_K) and an i-quant (IQ4_XS), through the library call the tool wraps, with an
-     importance matrix computed here from scratch, the job of `llama-imatrix`: the mean of
-     x_k² over calibration tokens for every input column k of every linear layer.
+  3. llama.cpp's own quantizer on our F16 file (the job of `llama-quantize`): k-quants (Q4_K_M,
+     Q5_K_M, Q6_K) and IQ4_XS, with an importance matrix computed here from scratch (the job of
+     `llama-imatrix`): the mean of x_k² over calibration tokens per input column k.
   4. Each file loaded back through transformers (`gguf_file=`, dequantized to FP32 on load):
      mean KL divergence and top-1 agreement of the next token against the FP32 model.
   5. With `--llama-cpp`, llama.cpp runs each file: greedy text, tokens/s.
@@ -22,10 +21,11 @@ Run it
       --types Q4_0 --eval-tokens 0 --quiet
 
 What it prints on SmolLM2-135M (the command above, about 20 s on one core): Q4_0, 91.7 MB,
-5.46 bits/weight (the token embedding stays Q8_0), the file equal to what was quantized in
-memory, linear-weight error 0.087. Without `--eval-tokens 0` (+20 s a file, mostly
-transformers loading the GGUF): KL 0.31, top-1 agreement 0.70 against FP32 on 256 tokens.
-With `--types Q4_K_M` (llama-cpp-python installed) ...
+5.46 bits/weight (the token embedding stays Q8_0), linear-weight error 0.087. Without
+`--eval-tokens 0` (+20 s a file): KL 0.31, top-1 agreement 0.70 against FP32 on 256 tokens.
+With `--types Q4_K_M IQ4_XS` (llama-cpp-python, about 2 minutes): Q4_K_M 105.5 MB, 6.27
+bits/weight (576-wide rows are not a multiple of 256: 166 matrices fall back to Q5_0), KL 0.026
+with the importance matrix, 0.055 without (`--imatrix-tokens 0`); IQ4_XS 90.9 MB, KL 0.083 (0.197).
 """
 
 from __future__ import annotations
@@ -214,14 +214,14 @@ def check_file(path: Path, tensors: list[tuple[str, np.ndarray]],
 # --8<-- [start:imatrix]
 @torch.no_grad()
 def importance_matrix(model, ids: torch.Tensor, context: int) -> dict[str, np.ndarray]:
-    """llama-imatrix from scratch: per linear layer, the mean of x_k² over the calibration
-    tokens, one value per input column k (the diagonal of GPTQ's XXᵀ/n). llama.cpp's quantizers
-    weight each weight's rounding error by it: columns that see large activations are rounded
-    more carefully. Keys are GGUF tensor names; the tied output matrix keeps the default.
-    """
+    """llama-imatrix from scratch: per linear layer, the mean of x_k² over the
+    calibration tokens, one value per input column k (the diagonal of GPTQ's XXᵀ/n).
+    llama.cpp's quantizers weight each weight's rounding error by it. Keys are GGUF
+    tensor names; the tied output matrix keeps the default."""
     import gguf
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    layers = model.config.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
     sums, counts, hooks = {}, {}, []
 
     def record(name: str):
@@ -232,10 +232,10 @@ def importance_matrix(model, ids: torch.Tensor, context: int) -> dict[str, np.nd
         return hook
 
     for hf_name, module in model.named_modules():
-        linear = isinstance(module, torch.nn.Linear)
-        name = name_map.get_name(hf_name + ".weight", try_suffixes=(".weight",)) if linear else None
-        if name and name.startswith("blk."):
-            hooks.append(module.register_forward_hook(record(name)))
+        if isinstance(module, torch.nn.Linear):
+            name = name_map.get_name(hf_name + ".weight", try_suffixes=(".weight",))
+            if name and name.startswith("blk."):
+                hooks.append(module.register_forward_hook(record(name)))
     try:
         for start in range(0, ids.shape[1], context):
             model(ids[:, start:start + context])
@@ -247,9 +247,9 @@ def importance_matrix(model, ids: torch.Tensor, context: int) -> dict[str, np.nd
 
 
 # --8<-- [start:llama_quantize]
-def llama_cpp_quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray] | None,
-                       threads: int) -> None:
-    """llama-quantize through the library call it wraps: an F16 GGUF in, a `ftype` GGUF out.
+def llama_cpp_quantize(src: Path, dst: Path, ftype: str,
+                       imatrix: dict[str, np.ndarray] | None, threads: int) -> None:
+    """llama-quantize through the library call it wraps: F16 GGUF in, `ftype` GGUF out.
 
     llama.cpp chooses each tensor's type from the file type (Q4_K_M keeps some attn_v and
     ffn_down tensors in Q6_K, for example; rows not a multiple of 256 fall back to 32-wide
@@ -257,29 +257,32 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.n
     (name, values, count), ended by a NULL name.
     """
     import llama_cpp
+    from llama_cpp import llama_model_imatrix_data as Entry
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = threads
     arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in (imatrix or {}).values()]
-    entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()  # zeroed: last ends it
+    entries = (Entry * (len(arrays) + 1))()  # zeroed: the last entry ends the list
     for entry, name, values in zip(entries, imatrix or {}, arrays):
         entry.name, entry.size = name.encode(), values.size
         entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     if imatrix:
-        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    with tempfile.TemporaryFile() as log:  # llama.cpp writes a line or two per tensor to stderr
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(Entry))
+    with tempfile.TemporaryFile() as log:  # llama.cpp logs a line or two per tensor
         stderr = os.dup(2)
         os.dup2(log.fileno(), 2)
         try:
-            status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+            status = llama_cpp.llama_model_quantize(
+                str(src).encode(), str(dst).encode(), ctypes.byref(params))
         finally:
             os.dup2(stderr, 2)
             os.close(stderr)
         if status:
             log.seek(0)
-            last = (log.read().decode(errors="replace").strip().splitlines() or ["no log"])[-1]
-            raise Refusal(f"llama.cpp could not quantize {src.name} to {ftype}: {last}")
+            lines = log.read().decode(errors="replace").strip().splitlines()
+            raise Refusal(f"llama.cpp could not quantize {src.name} to {ftype}: "
+                          f"{lines[-1] if lines else 'no log'}")
 # --8<-- [end:llama_quantize]
 
 
