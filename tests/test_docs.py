@@ -230,11 +230,6 @@ def test_glossary_entries_have_both_languages_and_a_working_link():
 
 SHOWN_LINE_LIMIT = 90  # characters: longer lines make a code block scroll sideways in the page column
 SECTION_INCLUDE = re.compile(r'--8<-- "([^"]+\.py):([\w-]+)"')
-# Scripts whose shown sections still carry longer lines; each is being reformatted by its owner.
-LONG_LINES_PENDING = {
-    "inference/inference-acceleration/examples/fast_decode.py",
-    "inference/inference-acceleration/examples/paged_attention.py",
-}
 
 
 def shown_sections() -> set[tuple[str, str]]:
@@ -253,8 +248,6 @@ def section_lines(path: str, name: str) -> list[str]:
 
 @pytest.mark.parametrize("path,name", sorted(shown_sections()), ids=lambda v: v)
 def test_shown_code_lines_fit_the_column(path: str, name: str):
-    if path in LONG_LINES_PENDING:
-        pytest.skip(f"{path}: shown lines over {SHOWN_LINE_LIMIT} characters are being reformatted")
     long = [f"{len(line)}: {line.strip()[:60]}" for line in section_lines(path, name) if len(line) > SHOWN_LINE_LIMIT]
     assert not long, f"{path}:{name} shows lines over {SHOWN_LINE_LIMIT} characters:\n" + "\n".join(long)
 

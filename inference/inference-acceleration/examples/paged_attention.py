@@ -1,14 +1,10 @@
 """PagedAttention, continuous batching and chunked prefill from scratch, driving a real model.
 
-What it shows
--------------
-A miniature vLLM in nano-vllm's decomposition: ``Sequence``, ``BlockManager`` (free list,
-reference counts, prefix caching), ``Scheduler`` (vLLM V1's token budget, or prefill first),
-``paged_attention`` (one batched call for all decodes), ``CUDAGraphDecoder`` and ``LLMEngine``
-over a transformers Llama, Qwen2 or Qwen3. One table serves requests sharing a system prompt.
+A miniature vLLM in nano-vllm's decomposition: `Sequence`, `BlockManager` (free list, reference
+counts, prefix caching), `Scheduler` (vLLM V1's token budget, or prefill first), `paged_attention`
+(all decodes in one call), `CUDAGraphDecoder`, `LLMEngine` on transformers Llama, Qwen2, Qwen3.
 
 Run it
-------
     python inference/inference-acceleration/examples/paged_attention.py --model HuggingFaceTB/SmolLM2-135M-Instruct
 
 On SmolLM2 (CPU) it prints the same greedy tokens from all four methods, prefix-cache hits
@@ -38,14 +34,14 @@ class Refusal(Exception):
 # --8<-- [start:sequence]
 @dataclass
 class Sequence:
-    """One request: its tokens, its state in the scheduler and its blocks in the KV cache."""
-    token_ids: list[int]                 # prompt followed by the tokens generated so far
+    """One request: its tokens, its scheduler state and its blocks in the KV cache."""
+    token_ids: list[int]             # prompt followed by the tokens generated so far
     num_prompt_tokens: int
     max_new_tokens: int
-    eos_token_id: int | None = None      # None: generate exactly max_new_tokens (benchmarks)
-    status: str = "waiting"              # -> "running" -> "finished" (or back to "waiting")
-    block_table: list[int] = field(default_factory=list)  # logical block i -> physical block
-    num_computed_tokens: int = 0         # leading tokens whose K/V are in the cache
+    eos_token_id: int | None = None  # None: generate exactly max_new_tokens (benchmarks)
+    status: str = "waiting"          # -> "running" -> "finished" (or back to "waiting")
+    block_table: list[int] = field(default_factory=list)  # logical i -> physical block
+    num_computed_tokens: int = 0     # leading tokens whose K/V are in the cache
 
     num_tokens = property(lambda self: len(self.token_ids))
     output_ids = property(lambda self: self.token_ids[self.num_prompt_tokens:])
@@ -54,10 +50,11 @@ class Sequence:
 
 # --8<-- [start:block_manager]
 class BlockManager:
-    """A free list, reference counts, and full computed blocks indexed by hash((previous hash,
-    tokens)) for prefix caching; a freed block keeps its hash until handed out again (LRU)."""
+    """A free list, reference counts, and full computed blocks indexed for prefix caching
+    by hash((prev hash, tokens)); a freed block keeps its hash until handed out (LRU)."""
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int,
+                 prefix_caching: bool = True) -> None:
         self.block_size, self.prefix_caching = block_size, prefix_caching
         self.free_block_ids: deque[int] = deque(range(num_blocks))
         self.ref_counts = [0] * num_blocks
@@ -66,7 +63,7 @@ class BlockManager:
         self.num_prefix_hit_tokens = 0
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
-        """Cached leading full blocks, up to the first miss; never the last token's block."""
+        """Cached leading full blocks until the first miss; not the last token's block."""
         blocks, h, BS = [], None, self.block_size
         for i in range((seq.num_tokens - 1) // BS if self.prefix_caching else 0):
             h = hash((h, tuple(seq.token_ids[i * BS:(i + 1) * BS])))
@@ -75,11 +72,11 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
-    def can_reserve(self, seq: Sequence, num_tokens: int) -> bool:   # hits count as new
+    def can_reserve(self, seq: Sequence, num_tokens: int) -> bool:  # hits count as new
         needed = math.ceil(num_tokens / self.block_size) - len(seq.block_table)
         return len(self.free_block_ids) >= needed
 
-    def allocate(self, seq: Sequence, hits: list[int]) -> None:    # start on cached blocks
+    def allocate(self, seq: Sequence, hits: list[int]) -> None:  # start on cached blocks
         for block in hits:
             if self.ref_counts[block] == 0:
                 self.free_block_ids.remove(block)
@@ -87,21 +84,21 @@ class BlockManager:
         seq.block_table, seq.num_computed_tokens = list(hits), len(hits) * self.block_size
         self.num_prefix_hit_tokens += seq.num_computed_tokens
 
-    def reserve(self, seq: Sequence, num_tokens: int) -> None:    # slots for num_tokens
+    def reserve(self, seq: Sequence, num_tokens: int) -> None:  # slots for num_tokens
         while len(seq.block_table) * self.block_size < num_tokens:
             block = self.free_block_ids.popleft()
             if self.hash_to_block.get(self.block_hash[block]) == block:
-                del self.hash_to_block[self.block_hash[block]]    # its old prefix is evicted
+                del self.hash_to_block[self.block_hash[block]]  # evict its old prefix
             self.block_hash[block], self.ref_counts[block] = None, 1
             seq.block_table.append(block)
 
     def cache_blocks(self, seq: Sequence, num_computed: int) -> None:
-        """Index blocks that became full; after the forward, so no hit reads unwritten K/V."""
-        BS, end = self.block_size, num_computed // self.block_size if self.prefix_caching else 0
-        for i in range(seq.num_computed_tokens // BS, end):
-            prev = self.block_hash[seq.block_table[i - 1]] if i else None
+        """Index newly full blocks; after the forward, so no hit reads unwritten K/V."""
+        BS, table, end = self.block_size, seq.block_table, num_computed // self.block_size
+        for i in range(seq.num_computed_tokens // BS, end if self.prefix_caching else 0):
+            prev = self.block_hash[table[i - 1]] if i else None
             h = hash((prev, tuple(seq.token_ids[i * BS:(i + 1) * BS])))
-            self.block_hash[seq.block_table[i]], self.hash_to_block[h] = h, seq.block_table[i]
+            self.block_hash[table[i]], self.hash_to_block[h] = h, table[i]
 
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):   # tail first: it is the least reusable
@@ -114,14 +111,14 @@ class BlockManager:
 
 # --8<-- [start:scheduler]
 class Scheduler:
-    """A step: (sequence, new tokens) pairs. Chunked prefill (vLLM V1): running sequences first,
-    then waiting ones, within the token budget; prefill first: whole prompts, else decodes."""
+    """A step: (sequence, new tokens) pairs. Chunked prefill (vLLM V1): the running first,
+    then the waiting, within the budget; prefill first: whole prompts, else decodes."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, chunked_prefill: bool = True) -> None:
         self.bm, self.max_num_seqs = block_manager, max_num_seqs
         self.token_budget, self.chunked_prefill = max_num_batched_tokens, chunked_prefill
-        self.waiting: deque[Sequence] = deque()     # in arrival order; preempted ones in front
+        self.waiting: deque[Sequence] = deque()  # arrival order; preempted ones in front
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
 
@@ -179,7 +176,7 @@ class Scheduler:
             self.bm.cache_blocks(seq, seq.num_computed_tokens + n)
             seq.num_computed_tokens += n
             if seq.num_computed_tokens < seq.num_tokens:
-                continue                   # a prompt chunk: no token until the prompt is done
+                continue  # a prompt chunk: no token until the prompt is done
             seq.token_ids.append(token)
             if token == seq.eos_token_id or len(seq.output_ids) >= seq.max_new_tokens:
                 seq.status = "finished"
@@ -195,23 +192,23 @@ class Scheduler:
 class StepMeta:
     """Where one step's K/V live, for every layer; decodes (one new token) come first."""
     slot_mapping: torch.Tensor      # (T,) cache slot of each new token
-    block_tables: torch.Tensor      # (B, MB) physical blocks of each sequence, padded with 0
-    context_lens: torch.Tensor      # (B,) tokens of each sequence in the cache after this step
+    block_tables: torch.Tensor      # (B, MB) physical blocks per sequence, padded with 0
+    context_lens: torch.Tensor      # (B,) tokens of each sequence cached after this step
     query_lens: list[int]           # new tokens of each sequence (1 for a decode)
     host_context_lens: list[int]    # context_lens on the host, for the prompt-chunk loop
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + mask) v, each of Hkv K/V heads serving G = H / Hkv queries:
-    q (B, Tq, H, D); k, v (B, Hkv, Tk, D); mask (B, Tq, Tk) True where a key is visible."""
+    """softmax(q k^T / sqrt(D) + mask) v, each K/V head serving G = H / Hkv query heads:
+    q (B, Tq, H, D); k, v (B, Hkv, Tk, D); mask (B, Tq, Tk) True where visible."""
     B, Tq, H, D = q.shape
     Hkv, Tk, G = k.shape[1], k.shape[2], H // k.shape[1]
     q = q.view(B, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Tq, D)
-    scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5               # (B, Hkv, G*Tq, Tk)
-    scores = scores.view(B, Hkv, G, Tq, Tk).masked_fill(~mask[:, None, None], float("-inf"))
+    scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5      # (B, Hkv, G*Tq, Tk)
+    scores = scores.view(B, Hkv, G, Tq, Tk).masked_fill(~mask[:, None, None], -math.inf)
     p = scores.softmax(dim=-1).to(v.dtype).view(B, Hkv, G * Tq, Tk)
-    out = p @ v                                                          # (B, Hkv, G*Tq, D)
+    out = p @ v                                                 # (B, Hkv, G*Tq, D)
     return out.view(B, Hkv, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B, Tq, H, D)
 
 
@@ -221,29 +218,31 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q (T, H, D) packed tokens of all sequences; k_cache, v_cache (NB, BS, Hkv, D)."""
     BS, out = k_cache.shape[1], []
     d = next((i for i, n in enumerate(meta.query_lens) if n > 1), len(meta.query_lens))
-    if d:    # all decodes in one fused call; slots past a length get weight 0 (they are finite)
-        k, v = (c.index_select(0, meta.block_tables[:d].flatten()).view(d, -1, *c.shape[2:])
-                .transpose(1, 2) for c in (k_cache, v_cache))       # (d, Hkv, L = MB BS, D)
-        valid = torch.arange(k.shape[2], device=q.device) < meta.context_lens[:d, None, None]
-        out.append(F.scaled_dot_product_attention(   # the G query heads of a KV head as G rows
+    if d:  # decodes in one fused call; slots past a length get weight 0 (they are finite)
+        k, v = (c.index_select(0, meta.block_tables[:d].flatten())
+                .view(d, -1, *c.shape[2:]).transpose(1, 2)
+                for c in (k_cache, v_cache))                    # (d, Hkv, L = MB BS, D)
+        valid = (torch.arange(k.shape[2], device=q.device)
+                 < meta.context_lens[:d, None, None])           # (d, 1, L)
+        out.append(F.scaled_dot_product_attention(  # G query heads of a KV head as G rows
             q[:d].unflatten(1, (k.shape[1], -1)), k, v, valid[:, None]).flatten(1, 2))
-    for i in range(d, len(meta.query_lens)):          # prompt chunks, one sequence at a time
-        Tq, ctx, start = meta.query_lens[i], meta.host_context_lens[i], sum(meta.query_lens[:i])
+    for i, Tq in enumerate(meta.query_lens[d:], d):  # prompt chunks, a sequence at a time
+        ctx, start = meta.host_context_lens[i], sum(meta.query_lens[:i])
         blocks = meta.block_tables[i, :math.ceil(ctx / BS)]
-        k = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)             # (Hkv, ctx, D)
-        v = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)             # (Hkv, ctx, D)
+        k = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)         # (Hkv, ctx, D)
+        v = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)         # (Hkv, ctx, D)
         causal = torch.arange(ctx - Tq, ctx)[:, None] >= torch.arange(ctx)[None]
         out.append(attention(q[None, start:start + Tq], k[None], v[None],
-                             causal[None].to(q.device))[0])                 # (Tq, H, D)
-    return torch.cat(out)                                                   # (T, H, D)
+                             causal[None].to(q.device))[0])             # (Tq, H, D)
+    return torch.cat(out)                                               # (T, H, D)
 # --8<-- [end:paged_attention]
 
 
 # --8<-- [start:kv_cache]
 def allocate_kv_cache(config, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor:
-    """K and V of every layer in blocks, (2, L, NB + 1, BS, Hkv, D), allocated once. Block NB
-    is scratch: the padded rows of a CUDA-graph batch write their K/V there."""
+    """K and V of every layer in blocks, (2, L, NB + 1, BS, Hkv, D), allocated once.
+    Block NB is scratch: the padded rows of a CUDA-graph batch write their K/V there."""
     c = config
     D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     shape = (2, c.num_hidden_layers, num_blocks + 1, block_size, c.num_key_value_heads, D)
@@ -254,51 +253,55 @@ def allocate_kv_cache(config, num_blocks: int, block_size: int, dtype: torch.dty
 # --8<-- [start:forward]
 def decoder_forward(model, input_ids: torch.Tensor, positions: torch.Tensor,
                     cache: torch.Tensor, meta: StepMeta) -> torch.Tensor:
-    """Llama / Qwen2 / Qwen3 on packed tokens (T,) -> each sequence's last logits (B, V)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen's too
+    """Llama, Qwen2, Qwen3 on packed tokens (T,) -> each sequence's last logits (B, V)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # all three
     inner, T = model.model, len(input_ids)
-    x = inner.embed_tokens(input_ids)                                # (T, C)
-    cos, sin = inner.rotary_emb(x, positions[None])                  # (1, T, D) each
+    x = inner.embed_tokens(input_ids)                      # (T, C)
+    cos, sin = inner.rotary_emb(x, positions[None])        # (1, T, D) each
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(T, -1, attn.head_dim)                # (T, H, D), Qwen2: + bias
-        k = attn.k_proj(h).view(T, -1, attn.head_dim)                # (T, Hkv, D)
-        v = attn.v_proj(h).view(T, -1, attn.head_dim)                # (T, Hkv, D)
-        if hasattr(attn, "q_norm"):                                  # Qwen3: RMSNorm per head
+        q = attn.q_proj(h).view(T, -1, attn.head_dim)      # (T, H, D), Qwen2: + bias
+        k = attn.k_proj(h).view(T, -1, attn.head_dim)      # (T, Hkv, D)
+        v = attn.v_proj(h).view(T, -1, attn.head_dim)      # (T, Hkv, D)
+        if hasattr(attn, "q_norm"):                        # Qwen3: RMSNorm per head
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary_pos_emb(q, k, cos[0], sin[0], unsqueeze_dim=1)
         cache[:, i].flatten(1, 2).index_copy_(1, meta.slot_mapping, torch.stack((k, v)))
         x = x + attn.o_proj(paged_attention(q, cache[0, i], cache[1, i], meta).flatten(1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    if T > len(meta.query_lens):                                     # keep each last token
+    if T > len(meta.query_lens):                           # keep each last token
         x = x[torch.tensor(meta.query_lens, device=x.device).cumsum(0) - 1]
-    return model.lm_head(inner.norm(x))                              # (B, V)
+    return model.lm_head(inner.norm(x))                    # (B, V)
 # --8<-- [end:forward]
 
 
 # --8<-- [start:cuda_graphs]
 class CUDAGraphDecoder:
-    """Decode steps replayed from CUDA graphs (one per batch-size bucket): thousands of kernel
-    launches at once; inputs in static buffers; padded rows write K/V to the scratch slot."""
+    """Decode steps replayed from CUDA graphs (one per batch-size bucket): thousands of
+    kernel launches at once; static input buffers; padded rows write K/V to scratch."""
 
     @torch.inference_mode()
-    def __init__(self, model, cache: torch.Tensor, max_num_seqs: int, max_blocks: int) -> None:
+    def __init__(self, model, cache: torch.Tensor, max_num_seqs: int,
+                 max_blocks: int) -> None:
         dev, B = model.device, max_num_seqs
         self.buckets = [b for b in (1, 2, 4, 8) if b < B] + list(range(16, B, 16)) + [B]
-        # widths 4, 6, 8, 12, ... blocks: attention reads < 1.5x the batch's longest context
-        self.widths = sorted({min(f * 2**p, max_blocks) for f in (2, 3) for p in range(1, 12)})
+        # widths 4, 6, 8, 12, ... blocks: attention reads < 1.5x the longest context
+        self.widths = sorted({min(f * 2**p, max_blocks)
+                              for f in (2, 3) for p in range(1, 12)})
         self.scratch = (cache.shape[2] - 1) * cache.shape[3]      # first slot of block NB
-        self.ids, self.pos, self.ctx = torch.zeros(3, B, dtype=torch.long, device=dev)   # rows
+        self.ids, self.pos, self.ctx = torch.zeros(3, B, dtype=torch.long, device=dev)
         self.slots = torch.full((B,), self.scratch, dtype=torch.long, device=dev)
         self.tables = torch.zeros(B, max_blocks, dtype=torch.long, device=dev)
         self.graphs, self.logits, pool = {}, {}, None
         for b, w in [(b, w) for b in self.buckets[::-1] for w in self.widths[::-1]]:
-            meta = StepMeta(self.slots[:b], self.tables[:b, :w], self.ctx[:b], [1] * b, [1] * b)
+            meta = StepMeta(self.slots[:b], self.tables[:b, :w], self.ctx[:b],
+                            [1] * b, [1] * b)
             decoder_forward(model, self.ids[:b], self.pos[:b], cache, meta)   # warm-up
-            graph = self.graphs[b, w] = torch.cuda.CUDAGraph()   # largest first: the others
-            with torch.cuda.graph(graph, pool):                  # reuse its memory pool
-                self.logits[b, w] = decoder_forward(model, self.ids[:b], self.pos[:b], cache, meta)
+            graph = self.graphs[b, w] = torch.cuda.CUDAGraph()  # largest first: the
+            with torch.cuda.graph(graph, pool):                 # others reuse its pool
+                self.logits[b, w] = decoder_forward(model, self.ids[:b], self.pos[:b],
+                                                    cache, meta)
             pool = graph.pool()
 
     def __call__(self, ids: list[int], pos: list[int], slots: list[int],
@@ -320,14 +323,14 @@ class CUDAGraphDecoder:
 class LLMEngine:
     """Scheduler + block manager + paged KV cache + model: add_request(), then step()."""
 
-    def __init__(self, model, num_blocks: int, block_size: int = 16, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, prefix_caching: bool = True,
-                 chunked_prefill: bool = True, cuda_graphs: bool = True,
-                 max_model_len: int = 4096) -> None:
+    def __init__(self, model, num_blocks: int, block_size: int = 16,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 prefix_caching: bool = True, chunked_prefill: bool = True,
+                 cuda_graphs: bool = True, max_model_len: int = 4096) -> None:
         self.model, self.device, self.block_size = model, model.device, block_size
         self.block_manager = BlockManager(num_blocks, block_size, prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   chunked_prefill)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs,
+                                   max_num_batched_tokens, chunked_prefill)
         self.cache = allocate_kv_cache(model.config, num_blocks, block_size, model.dtype,
                                        model.device)
         self.num_steps, self.max_model_len, self.graphs = 0, max_model_len, None
@@ -338,7 +341,7 @@ class LLMEngine:
     def add_request(self, prompt_ids: list[int], max_new_tokens: int,
                     eos_token_id: int | None = None) -> Sequence:
         if len(prompt_ids) + max_new_tokens > self.max_model_len:
-            raise Refusal(f"a request exceeds max_model_len={self.max_model_len}: raise it")
+            raise Refusal(f"request exceeds max_model_len={self.max_model_len}: raise it")
         seq = Sequence(list(prompt_ids), len(prompt_ids), max_new_tokens, eos_token_id)
         self.scheduler.waiting.append(seq)
         return seq
@@ -354,20 +357,22 @@ class LLMEngine:
         new = [(seq, p) for (seq, n), c in zip(batch, ctx) for p in range(c - n, c)]
         ids, pos = [seq.token_ids[p] for seq, p in new], [p for _, p in new]
         slots = [seq.block_table[p // BS] * BS + p % BS for seq, p in new]
-        if self.graphs and len(new) == len(batch):             # decodes only: replay a graph
-            logits = self.graphs(ids, pos, slots, [seq.block_table for seq, _ in batch], ctx)
+        tables = [seq.block_table for seq, _ in batch]
+        if self.graphs and len(new) == len(batch):  # decodes only: replay a graph
+            logits = self.graphs(ids, pos, slots, tables, ctx)
         else:
-            MB = max(len(seq.block_table) for seq, _ in batch)
-            tables = [seq.block_table + [0] * (MB - len(seq.block_table)) for seq, _ in batch]
+            MB = max(map(len, tables))
+            padded = [table + [0] * (MB - len(table)) for table in tables]
             t = lambda values: torch.tensor(values, device=self.device)   # noqa: E731
-            meta = StepMeta(t(slots), t(tables), t(ctx), [n for _, n in batch], ctx)
+            meta = StepMeta(t(slots), t(padded), t(ctx), [n for _, n in batch], ctx)
             logits = decoder_forward(self.model, t(ids), t(pos), self.cache, meta)
         self.num_steps += 1
         return self.scheduler.postprocess(batch, logits.argmax(-1).tolist())   # greedy
 
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int],
                  eos_token_id: int | None = None) -> list[list[int]]:
-        seqs = [self.add_request(p, n, eos_token_id) for p, n in zip(prompts, max_new_tokens)]
+        seqs = [self.add_request(p, n, eos_token_id)
+                for p, n in zip(prompts, max_new_tokens)]
         while self.scheduler.waiting or self.scheduler.running:
             self.step()
         return [seq.output_ids for seq in seqs]
@@ -377,7 +382,6 @@ class LLMEngine:
 def load_model(name: str, device: torch.device, dtype: torch.dtype):
     """A transformers Llama / Qwen2 / Qwen3 model and its tokenizer (hub id or local folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -391,8 +395,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
                    help="Llama, Qwen2 or Qwen3 model: hub id or local folder")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -406,8 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    for flag in ("num_requests", "block_size", "num_blocks", "max_num_seqs",
-                 "max_num_batched_tokens"):
+    for flag in ("num_requests", "block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
             build_parser().error(f"--{flag.replace('_', '-')} must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -423,9 +425,8 @@ def main(args: argparse.Namespace) -> None:
                           ("engine, prefix caching off", {"prefix_caching": False})):
         engine, start = LLMEngine(model, args.num_blocks, args.block_size, args.max_num_seqs,
                                   args.max_num_batched_tokens, **options), time.perf_counter()
-        out = engine.generate(prompts, new_tokens, eos)
-        rows.append((name, out, engine.num_steps, time.perf_counter() - start,
-                     engine.block_manager.num_prefix_hit_tokens))
+        rows.append((name, engine.generate(prompts, new_tokens, eos), engine.num_steps,
+                     time.perf_counter() - start, engine.block_manager.num_prefix_hit_tokens))
     start = time.perf_counter()      # transformers: a contiguous cache, one request at a time
     out = [model.generate(torch.tensor([p], device=device), max_new_tokens=n, do_sample=False,
                           eos_token_id=eos, pad_token_id=eos)[0, len(p):].tolist()
@@ -437,9 +438,8 @@ def main(args: argparse.Namespace) -> None:
           "| method | output tokens | steps | tokens/s | prefix-hit tokens | same tokens |\n"
           "| --- | ---: | ---: | ---: | ---: | --- |")
     for name, out, steps, seconds, hits in rows:
-        n = sum(map(len, out))
-        print(f"| {name} | {n} | {steps} | {n / seconds:.1f} | {hits} | "
-              f"{'yes' if out == rows[0][1] else 'NO'} |")
+        n, same = sum(map(len, out)), "yes" if out == rows[0][1] else "NO"
+        print(f"| {name} | {n} | {steps} | {n / seconds:.1f} | {hits} | {same} |")
 
 
 if __name__ == "__main__":
