@@ -26,7 +26,7 @@ HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 def needs_llama_cpp() -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make setup` compiles it "
-                                            "(about 5 minutes on 2 cores), or pip install llama-cpp-python==0.3.36")
+                                            "(about 2 minutes on 2 cores), or pip install llama-cpp-python==0.3.36")
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +206,4 @@ def test_llama_cpp_quantizer_failure_is_one_refusal(tmp_path):
     broken.write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(ge.Refusal, match="could not quantize not-a-model.gguf to Q4_K_M"):
         ge.llama_cpp_quantize(broken, tmp_path / "out.gguf", "Q4_K_M", None, threads=1)
+    assert not (tmp_path / "out.gguf").exists(), "nothing half-written"

@@ -25,8 +25,9 @@ step "checking access to the Python package registry"
 "${PIP[@]}" download --quiet --no-deps --dest .cache/pip-probe tqdm==4.70.1 >/dev/null 2>&1 \
   || fail "cannot reach the Python package registry (PyPI or your mirror): set PIP_INDEX_URL or connect, then re-run make setup"
 
-# llama-cpp-python ships as source only: compile llama.cpp (about 5 minutes on 2 cores) in the
-# background while the other packages install. Its multimodal library is not needed here.
+# llama-cpp-python ships as source only: compile llama.cpp (about 2 minutes on 2 cores) in the
+# background while the other packages install. Its multimodal library and llama.cpp's "common"
+# library (tools only; see tools/llama_cpp_no_common.cmake) are not needed: that halves the compile.
 LLAMA_CPP_PYTHON=llama-cpp-python==0.3.36
 LLAMA_LOG=.cache/llama-cpp-python-build.log
 mkdir -p .cache/wheels
@@ -34,7 +35,8 @@ if [ -n "${SKIP_LLAMA_CPP:-}" ]; then
   echo "note: SKIP_LLAMA_CPP is set: llama-cpp-python is not installed, and its tests are skipped"
 elif ! ls .cache/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
   step "compiling llama.cpp for $LLAMA_CPP_PYTHON in the background (log: $LLAMA_LOG)"
-  CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" "${PIP[@]}" wheel --quiet --no-deps \
+  NO_COMMON="-DCMAKE_PROJECT_llama.cpp_INCLUDE='$PWD/tools/llama_cpp_no_common.cmake'"
+  CMAKE_ARGS="-DLLAVA_BUILD=OFF $NO_COMMON ${CMAKE_ARGS:-}" "${PIP[@]}" wheel --quiet --no-deps \
     --wheel-dir .cache/wheels "$LLAMA_CPP_PYTHON" >"$LLAMA_LOG" 2>&1 &
   LLAMA_BUILD_PID=$!
 fi

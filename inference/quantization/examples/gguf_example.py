@@ -281,6 +281,7 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype: str,
         if status:
             log.seek(0)
             lines = log.read().decode(errors="replace").strip().splitlines()
+            dst.unlink(missing_ok=True)  # nothing half-written
             raise Refusal(f"llama.cpp could not quantize {src.name} to {ftype}: "
                           f"{lines[-1] if lines else 'no log'}")
 # --8<-- [end:llama_quantize]
@@ -376,7 +377,6 @@ def load_model(name: str, device: torch.device):
 def pydoc_text(evaluation: bool) -> str:
     """Python's own help topics: four of them for the KL / top-1 check, the rest for calibration."""
     from pydoc_data.topics import topics
-
     keys = EVAL_TOPICS if evaluation else sorted(set(topics) - set(EVAL_TOPICS))
     return "\n\n".join(topics[key] for key in keys)
 
