@@ -36,7 +36,8 @@ if [ -n "${SKIP_LLAMA_CPP:-}" ]; then
 elif ! ls .cache/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
   step "compiling llama.cpp for $LLAMA_CPP_PYTHON in the background (log: $LLAMA_LOG)"
   NO_COMMON="-DCMAKE_PROJECT_llama.cpp_INCLUDE='$PWD/tools/llama_cpp_no_common.cmake'"
-  CMAKE_ARGS="-DLLAVA_BUILD=OFF $NO_COMMON ${CMAKE_ARGS:-}" "${PIP[@]}" wheel --quiet --no-deps \
+  # niced: the installs below come first; the compile still ends before it is needed
+  CMAKE_ARGS="-DLLAVA_BUILD=OFF $NO_COMMON ${CMAKE_ARGS:-}" nice -n 10 "${PIP[@]}" wheel --quiet --no-deps \
     --wheel-dir .cache/wheels "$LLAMA_CPP_PYTHON" >"$LLAMA_LOG" 2>&1 &
   LLAMA_BUILD_PID=$!
 fi
