@@ -207,3 +207,15 @@ def test_llama_cpp_quantizer_failure_is_one_refusal(tmp_path):
     with pytest.raises(ge.Refusal, match="could not quantize not-a-model.gguf to Q4_K_M"):
         ge.llama_cpp_quantize(broken, tmp_path / "out.gguf", "Q4_K_M", None, threads=1)
     assert not (tmp_path / "out.gguf").exists(), "nothing half-written"
+
+
+@pytest.mark.parametrize("flags", [["--llama-cpp"], ["--types", "Q4_K_M"]])
+def test_llama_cpp_paths_refuse_without_the_bindings(tmp_path, monkeypatch, flags):
+    """Where llama-cpp-python is missing, both paths that need it say so in one line."""
+    real_find_spec = ge.importlib.util.find_spec
+    monkeypatch.setattr(ge.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a))
+    args = ge.build_parser().parse_args(["--out-dir", str(tmp_path), *flags])
+    with pytest.raises(ge.Refusal, match="needs llama-cpp-python"):
+        ge.check_arguments(args)
+    assert not list(tmp_path.iterdir()), "nothing is written before a refusal"
