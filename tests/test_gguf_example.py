@@ -24,6 +24,13 @@ ge = import_example(SCRIPT)
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
+def code_ids(tokenizer, n: int) -> torch.Tensor:
+    """(1, n) token ids of a short repeated Python snippet: text the tiny model's tokenizer knows."""
+    ids = tokenizer("def f(x):\n    return x * 2\n" * 32, return_tensors="pt")["input_ids"][:, :n]
+    assert ids.shape[1] == n
+    return ids
+
+
 def needs_llama_cpp() -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make setup` compiles it "
                                             "(about 2 minutes on 2 cores), or pip install llama-cpp-python==0.3.36")
@@ -78,7 +85,7 @@ def test_written_file_holds_the_library_encoding_and_loads_in_transformers(tiny_
     # transformers dequantizes on load: as many FP32 parameters as the original model
     loaded = {qtype: ge.load_gguf_in_transformers(tmp_path / f"tiny-llama-{qtype}.gguf", torch.device("cpu"))
               for qtype in ("Q8_0", "Q4_0")}
-    ids = tokenizer("def f(x):\n    return x * 2\n" * 8, return_tensors="pt")["input_ids"][:, :65]
+    ids = code_ids(tokenizer, 65)
     kl = {}
     for qtype, candidate in loaded.items():
         assert sum(p.numel() for p in candidate.parameters()) == sum(p.numel() for p in model.parameters())
@@ -150,7 +157,7 @@ def test_importance_matrix_is_the_mean_square_of_each_linear_input(tiny_model):
     """Checked against the model's own modules, not hooks: layer 0's attention reads
     input_layernorm(embed(ids)), so q, k and v share one vector, the mean of x_k² over tokens."""
     model, tokenizer = ge.load_model(str(tiny_model), torch.device("cpu"))
-    ids = tokenizer("def f(x):\n    return x * 2\n" * 8, return_tensors="pt")["input_ids"][:, :48]
+    ids = code_ids(tokenizer, 48)
     imatrix = ge.importance_matrix(model, ids, context=16)  # three windows of 16
     layers = model.config.num_hidden_layers
     names = {name for name, W in ge.gguf_tensors(model) if name.startswith("blk.") and W.ndim == 2}
@@ -179,7 +186,7 @@ def test_llama_cpp_quantizer_reads_our_f16_file_and_imatrix(tiny_model, tmp_path
     source = tmp_path / "tiny-F16.gguf"
     ge.write_gguf(source, tensors, "F16", lambda w: ge.add_metadata(w, model.config, tokenizer, "F16", "gpt-2"),
                   quiet=True)
-    ids = tokenizer("def f(x):\n    return x * 2\n" * 16, return_tensors="pt")["input_ids"][:, :128]
+    ids = code_ids(tokenizer, 128)
     imatrix = ge.importance_matrix(model, ids, context=64)
     made = {}
     for label, matrix in (("plain", None), ("imatrix", imatrix), ("empty", {})):

@@ -408,18 +408,18 @@ def main(args: argparse.Namespace) -> list[dict]:
     n_params = sum(W.size for _, W in tensors)
     ids = tokenizer(pydoc_text(evaluation=True), return_tensors="pt")["input_ids"][:, : args.eval_tokens + 1]
     imatrix, rows = None, []
+    def header(qtype: str):  # the metadata writer for a file of this type
+        return lambda writer: add_metadata(writer, model.config, tokenizer, qtype, args.tokenizer_pre)
     for qtype in sorted(args.types, key=lambda t: t in LLAMA_CPP_TYPES):  # ours first: F16 is the source
         path = args.out_dir / f"{Path(args.model).name}-{qtype}.gguf"
         partial = path.with_name(path.name + ".partial")  # renamed only once complete
         made_by, expected = "gguf-py", None
         if qtype in OURS:
-            header = lambda w, q=qtype: add_metadata(w, model.config, tokenizer, q, args.tokenizer_pre)
-            expected = write_gguf(partial, tensors, qtype, header, args.quiet)
+            expected = write_gguf(partial, tensors, qtype, header(qtype), args.quiet)
         else:
             source = args.out_dir / f"{Path(args.model).name}-F16.gguf"
             if "F16" not in args.types:
-                header = lambda w: add_metadata(w, model.config, tokenizer, "F16", args.tokenizer_pre)
-                write_gguf(source, tensors, "F16", header, args.quiet)
+                write_gguf(source, tensors, "F16", header("F16"), args.quiet)
             if imatrix is None and args.imatrix_tokens:
                 calibration = tokenizer(pydoc_text(evaluation=False), return_tensors="pt")["input_ids"]
                 imatrix = importance_matrix(model, calibration[:, : args.imatrix_tokens].to(device), 512)
